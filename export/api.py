@@ -1,0 +1,134 @@
+"""``export_model``: source -> validated output folder, all or nothing."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgelm.models.cache import atomic_dir
+from edgelm.runtime.errors import ExportError
+from edgelm.runtime.manifest import MANIFEST_NAME, Manifest, _as_list
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
+"""ONNX protobufs cannot exceed 2 GiB; above this (with headroom) weights go to an external data file."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgelm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _consolidate(raw_dir: Path, out_dir: Path) -> None:
+    """Move the traced graph into ``out_dir``; big models get one external data file beside it."""
+    import onnx
+
+    raw = raw_dir / MODEL_FILE
+    extra = [p for p in raw_dir.iterdir() if p.name != MODEL_FILE]
+    if not extra and raw.stat().st_size < PROTOBUF_LIMIT:
+        shutil.move(str(raw), out_dir / MODEL_FILE)
+        return
+    model = onnx.load(str(raw), load_external_data=True)
+    onnx.save_model(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+
+
+def _special_ids(src: Any) -> tuple[list[int], int | None, int | None]:
+    gen = getattr(src.model, "generation_config", None)
+    eos = _as_list(getattr(gen, "eos_token_id", None)) or _as_list(src.config.eos_token_id) or _as_list(src.tokenizer.eos_token_id)
+    pad = getattr(gen, "pad_token_id", None)
+    pad = pad if pad is not None else src.config.pad_token_id if src.config.pad_token_id is not None else src.tokenizer.pad_token_id
+    bos = getattr(gen, "bos_token_id", None)
+    bos = bos if bos is not None else src.config.bos_token_id
+    return eos, (int(pad) if pad is not None else None), (int(bos) if bos is not None else None)
+
+
+def export_model(
+    source: str | Path,
+    output_dir: str | Path,
+    task: str | None = None,
+    overwrite: bool = False,
+    opset: int = 17,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
+
+    The folder appears only once the export validated: everything is written to a temporary
+    folder beside ``output_dir`` and renamed at the end, so an error, a kill or a full disk
+    leaves no half-written output.
+    """
+    from edgelm.export.source import load_source
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ExportError(f"{output_dir} already exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    log(f"[1/4] loading {source}")
+    src = load_source(source, task)
+    config = src.config
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        raw_dir = tmp / ".onnx-raw"
+        raw_dir.mkdir()
+        log(f"[2/4] exporting {config.model_type} ({src.task}) to ONNX, opset {opset}")
+        if src.task == "causal-lm":
+            from edgelm.export.causal import export_causal, layer_windows
+
+            layout, inputs, outputs = export_causal(src.model, raw_dir / MODEL_FILE, opset)
+        else:
+            from edgelm.export.masked import export_masked
+
+            inputs, outputs = export_masked(src.model, src.tokenizer, raw_dir / MODEL_FILE, opset)
+        _consolidate(raw_dir, tmp)
+        shutil.rmtree(raw_dir)
+        log("[3/4] validating against PyTorch")
+        from edgelm.export import validate
+
+        if src.task == "causal-lm":
+            report = validate.validate_causal(src.model, src.tokenizer, tmp / MODEL_FILE, layout.num_layers)
+        else:
+            report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
+        log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
+        log("[4/4] writing tokenizer, configs and manifest")
+        src.tokenizer.save_pretrained(tmp)
+        if not (tmp / "tokenizer.json").is_file():
+            raise ExportError("the tokenizer did not save a tokenizer.json, which the runtime needs")
+        config.save_pretrained(tmp)
+        if src.task == "causal-lm" and getattr(src.model, "generation_config", None) is not None:
+            src.model.generation_config.save_pretrained(tmp)
+        eos, pad, bos = _special_ids(src)
+        manifest = Manifest(
+            task=src.task,
+            architecture=(config.architectures or [type(src.model).__name__])[0],
+            model_type=config.model_type,
+            model_file=MODEL_FILE,
+            inputs=inputs,
+            outputs=outputs,
+            vocab_size=int(src.model.get_output_embeddings().weight.shape[0]),
+            hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0) or getattr(config, "n_embd", 0)),
+            num_attention_heads=int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0)
+                                    or getattr(config, "n_head", 0)),
+            max_position_embeddings=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+            eos_token_id=eos,
+            pad_token_id=pad,
+            bos_token_id=bos,
+            edgelm_version=_version(),
+            source=str(source),
+            validation=report,
+        )
+        if src.task == "causal-lm":
+            manifest.num_layers = layout.num_layers
+            manifest.num_key_value_heads = layout.num_kv_heads
+            manifest.head_dim = layout.head_dim
+            windows = [w for w in layer_windows(config) if w is not None]
+            manifest.sliding_window = windows[0] if windows else None
+        manifest.export_seconds = round(time.perf_counter() - start, 1)
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    log(f"done in {manifest.export_seconds:.1f}s: {output_dir}")
+    return manifest
