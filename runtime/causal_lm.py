@@ -1,0 +1,81 @@
+"""``CausalLM``: a loaded causal LM folder with transformers-style ``generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgelm.runtime.config import GenerationConfig
+from edgelm.runtime.decoder import Decoder
+from edgelm.runtime.errors import InputError, ModelLoadError
+from edgelm.runtime.generate import GenerateOutput, generate
+from edgelm.runtime.manifest import Manifest, read_manifest
+from edgelm.runtime.session import ProviderSpec
+from edgelm.runtime.tokenizer import Tokenizer
+
+
+class CausalLM:
+    def __init__(self, model_dir: Path, manifest: Manifest, decoder: Decoder, tokenizer: Tokenizer,
+                 generation_config: GenerationConfig):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+
+    @classmethod
+    def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
+             optimization: str = "all") -> "CausalLM":
+        """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``)."""
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        if manifest.task != "causal-lm":
+            raise ModelLoadError(f"{model_dir} holds a {manifest.task} model; load it with MaskedLM.load")
+        tokenizer = Tokenizer.load(model_dir)
+        if manifest.vocab_size and tokenizer.vocab_size > manifest.vocab_size:
+            raise ModelLoadError(
+                f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only {manifest.vocab_size}: "
+                "the tokenizer belongs to another model")
+        decoder = Decoder(model_dir, manifest, provider, threads, optimization)
+        gen = GenerationConfig.from_model_dir(model_dir, manifest.eos_token_id, manifest.pad_token_id, manifest.bos_token_id)
+        return cls(model_dir, manifest, decoder, tokenizer, gen)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size or self.tokenizer.vocab_size
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.manifest.max_position_embeddings
+
+    def generate(self, input_ids: Any = None, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
+                 streamer: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
+        """transformers' ``generate`` on numpy: returns (batch * num_return_sequences, length) ids, prompt included."""
+        return generate(self, input_ids, attention_mask, generation_config, streamer, **kwargs)
+
+    def encode_prompts(self, prompts: str | Sequence[str] | list[dict], chat: bool = False) -> dict[str, np.ndarray]:
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], dict):
+            chat, prompts = True, [prompts]
+        if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not prompts:
+            raise InputError("give at least one prompt")
+        if chat:
+            rows = []
+            for p in prompts:
+                messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+                rows.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return self.tokenizer.pad(rows, "left")
+        return self.tokenizer(list(prompts), padding_side="left")
+
+    def generate_text(self, prompts: str | Sequence[str] | list[dict], chat: bool = False,
+                      skip_special_tokens: bool = True, **kwargs: Any) -> str | list[str]:
+        """Text in, generated text out (prompt excluded). A string gives a string, a list a list."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        enc = self.encode_prompts(prompts, chat)
+        out = self.generate(enc["input_ids"], enc["attention_mask"], **kwargs)
+        seqs = out.sequences if isinstance(out, GenerateOutput) else out
+        texts = self.tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=skip_special_tokens)
+        return texts[0] if single and len(texts) == 1 else texts

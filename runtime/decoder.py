@@ -1,0 +1,89 @@
+"""One decoding step: token ids + positions + cache -> logits (and hidden state), cache advanced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgelm.runtime.errors import ModelLoadError, UnsupportedError
+from edgelm.runtime.kv_cache import KVCache
+from edgelm.runtime.manifest import Manifest
+from edgelm.runtime.session import ProviderSpec, create_session
+
+
+class Decoder:
+    """Owns the causal LM's session and knows its inputs and outputs by name.
+
+    Inputs are fed by name (GPT-2 and Llama graphs order them differently). The object keeps
+    no per-generation state, so one Decoder serves several threads at once: each call gets
+    its own IOBinding and its own cache.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
+                 threads: int | None = None, optimization: str = "all"):
+        self.manifest = manifest
+        self.session = create_session(Path(model_dir) / manifest.model_file, provider, threads, optimization)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        required = {"input_ids", "attention_mask", "logits"}
+        missing = required - set(self.input_names) - set(self.output_names)
+        if missing:
+            raise ModelLoadError(f"{manifest.model_file} lacks {', '.join(sorted(missing))}: it is not a causal LM graph")
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        absent = [n for n in self.present_names if n not in self.output_names]
+        if absent or not self.past_names:
+            raise ModelLoadError(
+                f"{manifest.model_file} has no KV cache inputs/outputs in optimum's naming (missing {absent[:2] or 'past_key_values.*'}); "
+                "export it with `edgelm export`"
+            )
+        if manifest.num_layers and len(self.past_names) != 2 * manifest.num_layers:
+            raise ModelLoadError(
+                f"the manifest says {manifest.num_layers} layers but the graph has {len(self.past_names) // 2}; "
+                "the folder mixes files of different exports: re-export it"
+            )
+        past = next(i for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.num_kv_heads = manifest.num_key_value_heads or int(past.shape[1])
+        self.head_dim = manifest.head_dim or int(past.shape[3])
+        for dim, want, what in ((past.shape[1], self.num_kv_heads, "KV heads"), (past.shape[3], self.head_dim, "head size")):
+            if isinstance(dim, int) and dim != want:
+                raise ModelLoadError(f"the manifest's {what} ({want}) disagrees with the graph ({dim}); re-export the model")
+        self.has_position_ids = "position_ids" in self.input_names
+        self.has_hidden = "last_hidden_state" in self.output_names
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        vocab_dim = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
+        if isinstance(vocab_dim, int) and manifest.vocab_size and vocab_dim != manifest.vocab_size:
+            raise ModelLoadError(
+                f"the manifest's vocab_size ({manifest.vocab_size}) disagrees with the graph's logits ({vocab_dim}); re-export")
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache.empty(self.past_names, batch, self.num_kv_heads, self.head_dim, device=self.device)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+             want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``input_ids`` (batch, new) on top of ``cache``; returns logits (batch, new, vocab) and hidden state."""
+        if want_hidden and not self.has_hidden:
+            raise UnsupportedError(
+                "this model's graph has no last_hidden_state output (an optimum export?); contrastive search needs "
+                "it: re-export the model with `edgelm export`"
+            )
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        cache.bind(binding)
+        binding.bind_output("logits", "cpu")
+        if want_hidden:
+            binding.bind_output("last_hidden_state", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        logits = outs[0].numpy()
+        hidden = outs[1].numpy() if want_hidden else None
+        cache.replace(list(outs[2 if want_hidden else 1:]))
+        return logits, hidden

@@ -1,0 +1,162 @@
+"""``generate``: check inputs, settle the config, pick the strategy by transformers' rules, run it."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelm.runtime import config as modes
+from edgelm.runtime.config import GenerationConfig
+from edgelm.runtime.errors import GenerationConfigError, InputError, UnsupportedError
+from edgelm.runtime.processors import build_processors
+from edgelm.runtime.state import DecodeState
+from edgelm.runtime.stopping import build_stopping
+
+
+@dataclass
+class GenerateOutput:
+    """What ``return_dict_in_generate=True`` returns (transformers' field names)."""
+
+    sequences: np.ndarray
+    scores: tuple[np.ndarray, ...] | None = None
+    logits: tuple[np.ndarray, ...] | None = None
+    sequences_scores: np.ndarray | None = None
+    beam_indices: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def check_input_ids(input_ids: Any, vocab_size: int) -> np.ndarray:
+    """Token ids as a (batch, length) int64 array, or an InputError that says what is wrong."""
+    if input_ids is None:
+        raise InputError("input_ids is required: a (batch, length) array of token ids")
+    try:
+        arr = np.asarray(input_ids)
+    except Exception as exc:  # ragged lists and the like
+        raise InputError(f"input_ids must be a rectangular (batch, length) array of ints: {exc}") from None
+    if arr.dtype == object or arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "b" or arr.size == 0 and arr.dtype.kind == "f":
+            raise InputError(f"input_ids must hold integer token ids, got dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            raise InputError(f"input_ids must hold integer token ids, got dtype {arr.dtype}; cast with .astype(np.int64)")
+        raise InputError(f"input_ids must hold integer token ids, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise InputError(f"input_ids must have shape (batch, length), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"input_ids is empty (shape {arr.shape}); give at least one token per row")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(f"input_ids holds ids outside the vocabulary [0, {vocab_size}): min {lo}, max {hi}")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_attention_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        arr = np.asarray(mask)
+    except Exception as exc:
+        raise InputError(f"attention_mask must be a (batch, length) array of 0 and 1: {exc}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.shape != shape:
+        raise InputError(f"attention_mask has shape {arr.shape} but input_ids has shape {shape}")
+    if arr.dtype.kind not in "iub" or not np.isin(arr, (0, 1)).all():
+        raise InputError("attention_mask must hold only 0 and 1")
+    if (arr.sum(axis=1) == 0).any():
+        raise InputError("attention_mask masks every token of a row; each row needs at least one real token")
+    return arr.astype(np.int64)
+
+
+def default_attention_mask(input_ids: np.ndarray, cfg: GenerationConfig) -> np.ndarray:
+    """transformers' rule: mask the pad token when it can be told apart from EOS, else attend to all."""
+    pad = cfg.pad_token_id
+    if pad is not None and (input_ids == pad).any() and pad not in cfg.eos_ids:
+        mask = (input_ids != pad).astype(np.int64)
+        if (mask.sum(axis=1) > 0).all():
+            return mask
+    return np.ones_like(input_ids)
+
+
+def prepare_config(base: GenerationConfig, generation_config: GenerationConfig | None, prompt_length: int,
+                   max_positions: int | None, kwargs: dict[str, Any]) -> GenerationConfig:
+    cfg = (generation_config or base).updated(**kwargs)
+    if cfg.pad_token_id is None and cfg.eos_ids:
+        cfg.pad_token_id = cfg.eos_ids[0]
+    cfg.validate()
+    user_set_max_length = "max_length" in kwargs or (generation_config is not None and generation_config.max_new_tokens is None)
+    if cfg.max_new_tokens is not None:
+        if "max_length" in kwargs and kwargs["max_length"] is not None:
+            warnings.warn("both max_new_tokens and max_length are set; max_new_tokens takes precedence", UserWarning,
+                          stacklevel=3)
+        cfg.max_length = cfg.max_new_tokens + prompt_length
+    elif not user_set_max_length and prompt_length >= cfg.max_length:
+        warnings.warn(f"input length {prompt_length} is not below max_length {cfg.max_length}: one token will be "
+                      "generated; set max_new_tokens to control the output length", UserWarning, stacklevel=3)
+    if cfg.min_new_tokens is not None and cfg.min_new_tokens > 0 and cfg.max_length - prompt_length < cfg.min_new_tokens:
+        raise GenerationConfigError(
+            f"min_new_tokens ({cfg.min_new_tokens}) exceeds the tokens max_length allows ({cfg.max_length - prompt_length})")
+    if max_positions:
+        if prompt_length >= max_positions:
+            raise InputError(
+                f"the prompt has {prompt_length} tokens but the model's context is {max_positions} positions; "
+                "shorten the prompt")
+        if cfg.max_length > max_positions:
+            warnings.warn(f"max_length {cfg.max_length} exceeds the model's {max_positions} positions; generation stops "
+                          f"at {max_positions} tokens", UserWarning, stacklevel=3)
+            cfg.max_length = max_positions
+    return cfg
+
+
+def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
+             streamer: Any = None, seed: int | None = None, generator: np.random.Generator | None = None,
+             assistant_model: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
+    ids = check_input_ids(input_ids, lm.vocab_size)
+    cfg0 = generation_config or lm.generation_config
+    mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
+            else default_attention_mask(ids, cfg0.updated(**{k: v for k, v in kwargs.items() if k == "pad_token_id"})))
+    cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs)
+    mode = cfg.generation_mode(assistant_model)
+    if streamer is not None and (cfg.num_beams > 1 or ids.shape[0] * cfg.num_return_sequences > 1):
+        raise GenerationConfigError("streaming works with a single sequence (batch 1, num_beams=1, num_return_sequences=1)")
+    if generator is not None and seed is not None:
+        raise GenerationConfigError("pass either seed or generator, not both")
+    rng = generator if generator is not None else np.random.default_rng(seed)
+    if mode in (modes.GREEDY, modes.SAMPLE):
+        from edgelm.runtime.strategies import sampling
+
+        if cfg.num_return_sequences > 1:
+            ids = np.repeat(ids, cfg.num_return_sequences, axis=0)
+            mask = np.repeat(mask, cfg.num_return_sequences, axis=0)
+        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits)
+        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
+        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
+        if streamer is not None:
+            streamer.put(ids)
+        try:
+            sampling.run(state, cfg, processors, stopping, rng, streamer)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return _finish(state, cfg)
+    raise UnsupportedError(
+        f"generation mode {mode!r} (selected by your settings: num_beams={cfg.num_beams}, "
+        f"num_beam_groups={cfg.num_beam_groups}, do_sample={cfg.do_sample}, penalty_alpha={cfg.penalty_alpha}) "
+        "is not implemented yet; greedy search and sampling are"
+    )
+
+
+def _finish(state: DecodeState, cfg: GenerationConfig) -> np.ndarray | GenerateOutput:
+    seqs = state.input_ids.copy()
+    if not cfg.return_dict_in_generate:
+        return seqs
+    return GenerateOutput(
+        sequences=seqs,
+        scores=tuple(state.scores) if cfg.output_scores else None,
+        logits=tuple(state.raw_logits) if cfg.output_logits else None,
+    )

@@ -1,0 +1,73 @@
+"""The KV cache between decoding steps, kept as onnxruntime OrtValues.
+
+The graph returns ``present = concat(past, new)``; handing that OrtValue straight back as
+the next step's ``past`` means Python never copies or converts the cache (on CUDA it never
+leaves the GPU). Only reordering rows (beams) and cropping (assisted decoding) touch the
+data, and only when they are asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+
+class KVCache:
+    """Past keys and values of every layer for a batch of rows."""
+
+    def __init__(self, names: Sequence[str], values: list[ort.OrtValue], device: str = "cpu", device_id: int = 0):
+        self.names = list(names)
+        self.values = values
+        self.device = device
+        self.device_id = device_id
+
+    @classmethod
+    def empty(cls, names: Sequence[str], batch: int, num_kv_heads: int, head_dim: int, dtype=np.float32,
+              device: str = "cpu", device_id: int = 0) -> "KVCache":
+        shape = [batch, num_kv_heads, 0, head_dim]
+        if device == "cpu":
+            make = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))  # noqa: E731
+        else:
+            make = lambda: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)  # noqa: E731
+        return cls(names, [make() for _ in names], device, device_id)
+
+    @property
+    def length(self) -> int:
+        return int(self.values[0].shape()[2]) if self.values else 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.values[0].shape()[0]) if self.values else 0
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        for name, value in zip(self.names, self.values):
+            binding.bind_ortvalue_input(name, value)
+
+    def replace(self, presents: list[ort.OrtValue]) -> None:
+        """Adopt the graph's presents as the next past (no copy)."""
+        self.values = presents
+
+    def _map(self, fn) -> None:
+        out = []
+        for v in self.values:
+            arr = np.ascontiguousarray(fn(v.numpy()))
+            out.append(ort.OrtValue.ortvalue_from_numpy(arr, self.device, self.device_id))
+        self.values = out
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Gather rows (beam search picks which hypotheses survive)."""
+        rows = np.asarray(rows)
+        if rows.shape[0] == self.batch and np.array_equal(rows, np.arange(self.batch)):
+            return
+        self._map(lambda a: a[rows])
+
+    def crop(self, length: int) -> None:
+        """Drop cached positions past ``length`` (rejected draft tokens in assisted decoding)."""
+        if length >= self.length:
+            return
+        self._map(lambda a: a[:, :, :length])
+
+    def numpy(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.values]

@@ -1,0 +1,115 @@
+"""onnxruntime sessions: provider names, fallbacks and options in one place.
+
+Users say "cpu", "cuda", "xnnpack", "nnapi", "coreml" or "qnn" (or onnxruntime's own
+provider names, or (name, options) pairs). A provider this onnxruntime build lacks is
+not an error: the session falls back to CPU and a warning names the missing provider
+and the package that has it, so the same script runs on a laptop and on a phone.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import onnxruntime as ort
+
+from edgelm.runtime.errors import ModelLoadError, ProviderError
+
+ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+PACKAGES = {
+    "CUDAExecutionProvider": "onnxruntime-gpu (Linux/Windows with an NVIDIA GPU)",
+    "TensorrtExecutionProvider": "onnxruntime-gpu built with TensorRT",
+    "XnnpackExecutionProvider": "onnxruntime-android / onnxruntime-mobile (Android AAR or iOS pod) or a build with --use_xnnpack",
+    "NnapiExecutionProvider": "onnxruntime-android (the Android AAR)",
+    "CoreMLExecutionProvider": "onnxruntime on macOS, or onnxruntime-objc / onnxruntime-c on iOS",
+    "QNNExecutionProvider": "onnxruntime-qnn (Qualcomm Snapdragon devices)",
+    "DmlExecutionProvider": "onnxruntime-directml (Windows)",
+    "OpenVINOExecutionProvider": "onnxruntime-openvino",
+}
+ProviderSpec = Union[str, tuple[str, dict], Sequence[Union[str, tuple[str, dict]]]]
+
+
+def resolve_providers(provider: ProviderSpec) -> list[tuple[str, dict]]:
+    """Normalise a provider spec to onnxruntime's (name, options) list, falling back to CPU when needed."""
+    if isinstance(provider, (str, tuple)):
+        specs = [provider]
+    else:
+        specs = list(provider)
+    if not specs:
+        raise ProviderError("provider list is empty; use 'cpu'")
+    available = set(ort.get_available_providers())
+    known = set(ALIASES.values()) | available
+    out: list[tuple[str, dict]] = []
+    for spec in specs:
+        name, options = (spec if isinstance(spec, tuple) else (spec, {}))
+        if not isinstance(name, str):
+            raise ProviderError(f"provider must be a name or a (name, options) pair, got {spec!r}")
+        full = ALIASES.get(name.lower(), name)
+        if full not in known:
+            raise ProviderError(
+                f"unknown execution provider {name!r}; choose from {', '.join(sorted(ALIASES))} "
+                "(or an onnxruntime provider name)"
+            )
+        if full not in available:
+            warnings.warn(
+                f"{full} is not in this onnxruntime build (available: {', '.join(sorted(available))}); "
+                f"it comes with {PACKAGES.get(full, 'another onnxruntime package')}. Falling back to CPU.",
+                RuntimeWarning, stacklevel=3,
+            )
+            continue
+        out.append((full, dict(options or {})))
+    if not any(n == "CPUExecutionProvider" for n, _ in out):
+        out.append(("CPUExecutionProvider", {}))
+    return out
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ProviderError(f"graph optimization level must be one of {', '.join(levels)}, got {optimization!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 0:
+            raise ProviderError(f"threads must be a non-negative integer (0 = onnxruntime's default), got {threads!r}")
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,
+                   optimization: str = "all", extra_options: dict[str, Any] | None = None) -> ort.InferenceSession:
+    """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} is missing; re-export the model")
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(f"model file {path} is empty; re-export the model")
+    providers = resolve_providers(provider)
+    opts = session_options(threads, optimization)
+    for key, value in (extra_options or {}).items():
+        opts.add_session_config_entry(key, str(value))
+    try:
+        return ort.InferenceSession(str(path), opts, providers=[n for n, _ in providers],
+                                    provider_options=[o for _, o in providers])
+    except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "the file is truncated or corrupt, or its external data file is missing"
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {msg} ({hint}; re-export the model)") from exc

@@ -1,0 +1,105 @@
+"""The growing state of one ``generate`` call: token ids, attention mask, positions and the KV cache.
+
+Ids and mask live in buffers preallocated to ``max_length`` so appending a token writes one
+column instead of copying the whole sequence each step; the cache is the decoder's
+(OrtValues handed from one step to the next).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgelm.runtime.decoder import Decoder
+
+
+class DecodeState:
+    def __init__(self, decoder: Decoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_length: int,
+                 output_scores: bool = False, output_logits: bool = False, want_hidden: bool = False):
+        self.decoder = decoder
+        batch, length = input_ids.shape
+        cap = max(max_length, length + 1)
+        self._ids = np.zeros((batch, cap), dtype=np.int64)
+        self._mask = np.zeros((batch, cap), dtype=np.int64)
+        self._ids[:, :length] = input_ids
+        self._mask[:, :length] = attention_mask
+        self.cur = length
+        self.prompt_length = length
+        self.cache = decoder.new_cache(batch)
+        self.output_scores = output_scores
+        self.output_logits = output_logits
+        self.want_hidden = want_hidden
+        self.scores: list[np.ndarray] = []
+        self.raw_logits: list[np.ndarray] = []
+        self.hidden: np.ndarray | None = None
+        self.steps = 0
+
+    @property
+    def batch(self) -> int:
+        return self._ids.shape[0]
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self._ids[:, : self.cur]
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return self._mask[:, : self.cur]
+
+    def _positions(self, new: int) -> np.ndarray:
+        """transformers' rule: cumsum of the mask minus one, with padding positions set to 1."""
+        mask = self.attention_mask
+        pos = np.cumsum(mask, axis=1) - 1
+        pos[mask == 0] = 1
+        return pos[:, -new:]
+
+    def forward(self, new: int) -> np.ndarray:
+        """Run the last ``new`` tokens; returns their logits (batch, new, vocab) as float32."""
+        ids = self._ids[:, self.cur - new: self.cur]
+        logits, hidden = self.decoder.step(ids, self.attention_mask, self._positions(new), self.cache, self.want_hidden)
+        self.hidden = hidden
+        self.steps += 1
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def prefill(self) -> np.ndarray:
+        return self.forward(self.cur)[:, -1, :]
+
+    def forward_last(self) -> np.ndarray:
+        return self.forward(1)[:, -1, :]
+
+    def _grow(self, extra: int) -> None:
+        if self.cur + extra <= self._ids.shape[1]:
+            return
+        new_cap = max(self._ids.shape[1] * 2, self.cur + extra)
+        for name in ("_ids", "_mask"):
+            old = getattr(self, name)
+            buf = np.zeros((old.shape[0], new_cap), dtype=old.dtype)
+            buf[:, : self.cur] = old[:, : self.cur]
+            setattr(self, name, buf)
+
+    def append(self, tokens: np.ndarray) -> None:
+        """Append one token per row (or a (batch, n) block)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim == 1:
+            tokens = tokens[:, None]
+        n = tokens.shape[1]
+        self._grow(n)
+        self._ids[:, self.cur: self.cur + n] = tokens
+        self._mask[:, self.cur: self.cur + n] = 1
+        self.cur += n
+
+    def truncate(self, length: int) -> None:
+        """Forget tokens after ``length`` (ids, mask and cache): rejected draft tokens."""
+        self.cur = length
+        self.cache.crop(length)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep ``rows`` (beam search): ids, mask and cache follow."""
+        self._ids = self._ids[rows]
+        self._mask = self._mask[rows]
+        self.cache.reorder(rows)
+
+    def record(self, scores: np.ndarray, logits: np.ndarray) -> None:
+        if self.output_scores:
+            self.scores.append(scores)
+        if self.output_logits:
+            self.raw_logits.append(logits)

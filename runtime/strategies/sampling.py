@@ -1,0 +1,43 @@
+"""Greedy search and multinomial sampling: one token per step (transformers' ``_sample``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgelm.runtime.processors import LogitsProcessorList, softmax
+from edgelm.runtime.state import DecodeState
+from edgelm.runtime.stopping import StoppingCriteriaList
+
+
+def sample_token(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row from ``probs`` (rows, vocab) by inverse CDF: O(vocab), no sort."""
+    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]
+    picks = (cdf < u[:, None]).sum(axis=-1)
+    return np.minimum(picks, probs.shape[-1] - 1).astype(np.int64)
+
+
+def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping: StoppingCriteriaList,
+        rng: np.random.Generator | None, streamer: Any = None) -> DecodeState:
+    """Decode until every row stops; finished rows are padded with ``pad_token_id`` as transformers does."""
+    unfinished = np.ones(state.batch, dtype=bool)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    logits = state.prefill()
+    while True:
+        scores = processors(state.input_ids, logits)
+        state.record(scores, logits)
+        if cfg.do_sample:
+            next_tokens = sample_token(softmax(scores), rng)
+        else:
+            next_tokens = np.argmax(scores, axis=-1)
+        next_tokens = np.where(unfinished, next_tokens, pad)
+        state.append(next_tokens)
+        if streamer is not None:
+            streamer.put(next_tokens)
+        unfinished &= ~stopping(state.input_ids, scores)
+        if not unfinished.any():
+            break
+        logits = state.forward_last()
+    return state
