@@ -1,0 +1,1 @@
+"""The ``edgelm`` command line."""

@@ -1,0 +1,3 @@
+from edgelm.cli.main import main
+
+raise SystemExit(main())

