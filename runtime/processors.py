@@ -346,8 +346,10 @@ class ExponentialDecayLengthPenalty(LogitsProcessor):
         if cur_len <= self.start:
             return scores
         out = scores.copy()
-        penalty = np.abs(scores[:, self.eos]) * np.float32(pow(self.factor, cur_len - self.start) - 1)
-        out[:, self.eos] = scores[:, self.eos] + penalty
+        eos_scores = scores[:, self.eos]
+        penalty = np.abs(eos_scores) * np.float32(pow(self.factor, cur_len - self.start) - 1)
+        # transformers turns an already-banned EOS (-inf) into NaN here (-inf + inf); a banned EOS stays banned.
+        out[:, self.eos] = np.where(np.isneginf(eos_scores), eos_scores, eos_scores + penalty)
         return out
 
 
