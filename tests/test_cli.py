@@ -1,0 +1,62 @@
+"""The CLI: generate and fill-mask end to end, JSON output, useful --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from edgelm.runtime import CausalLM
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_matches_api(exported):
+    folder = exported("tiny-llama")
+    proc = _cli("generate", str(folder), "The capital of France", "--max-new-tokens", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    lm = CausalLM.load(folder)
+    ids = np.array([out["prompt_ids"]])
+    assert out["sequences"] == lm.generate(ids, max_new_tokens=10).tolist()
+
+
+def test_generate_streams_text(exported):
+    folder = exported("tiny-llama")
+    proc = _cli("generate", str(folder), "The capital of France", "--max-new-tokens", "10", "--chat",
+                "--do-sample", "--top-p", "0.9", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_generate_bad_settings_one_line(exported):
+    proc = _cli("generate", str(exported("tiny-llama")), "hi", "--do-sample", "--temperature", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "temperature" in proc.stderr
+
+
+def test_fill_mask_cli(exported):
+    proc = _cli("fill-mask", str(exported("tiny-bert")), "the capital of [MASK]", "--top-k", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 3
+
+
+def test_help_of_every_command():
+    for cmd in ([], ["export"], ["generate"], ["fill-mask"], ["models"], ["models", "fetch"]):
+        proc = _cli(*cmd, "--help")
+        assert proc.returncode == 0 and "usage" in proc.stdout
+    assert "--max-new-tokens" in _cli("generate", "--help").stdout
+
+
+def test_models_list_and_fetch_uses_cache(checkpoint):
+    checkpoint("tiny-gpt2")
+    proc = _cli("models", "list")
+    assert "smollm2-135m-instruct" in proc.stdout and "antiberty" in proc.stdout
+    proc = _cli("models", "fetch", "tiny-gpt2")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("tiny-gpt2")
+    assert "building" not in proc.stderr  # second call: cached
+    bad = _cli("models", "fetch", "no-such-model")
+    assert bad.returncode == 2 and "known models" in bad.stderr
