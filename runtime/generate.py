@@ -144,10 +144,28 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
             if streamer is not None:
                 streamer.end()
         return _finish(state, cfg)
+    if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE):
+        from edgelm.runtime.strategies import beam_search
+
+        batch = ids.shape[0]
+        state = DecodeState(lm.decoder, np.repeat(ids, cfg.num_beams, axis=0), np.repeat(mask, cfg.num_beams, axis=0),
+                            cfg.max_length, cfg.output_scores, cfg.output_logits)
+        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
+        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
+        result = beam_search.run(state, cfg, processors, stopping, rng, batch)
+        if not cfg.return_dict_in_generate:
+            return result["sequences"]
+        return GenerateOutput(
+            sequences=result["sequences"],
+            sequences_scores=result["sequences_scores"] if cfg.output_scores else None,
+            scores=tuple(state.scores) if cfg.output_scores else None,
+            logits=tuple(state.raw_logits) if cfg.output_logits else None,
+            beam_indices=result["beam_indices"],
+        )
     raise UnsupportedError(
         f"generation mode {mode!r} (selected by your settings: num_beams={cfg.num_beams}, "
         f"num_beam_groups={cfg.num_beam_groups}, do_sample={cfg.do_sample}, penalty_alpha={cfg.penalty_alpha}) "
-        "is not implemented yet; greedy search and sampling are"
+        "is not implemented yet; greedy search, sampling, beam search and beam sampling are"
     )
 
 

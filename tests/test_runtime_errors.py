@@ -132,8 +132,8 @@ def test_greedy_flags_warn_like_transformers(lm):
 
 
 def test_unimplemented_mode_names_itself(lm):
-    with pytest.raises(UnsupportedError, match="beam_search"):
-        lm.generate(np.array([[5, 6]]), max_new_tokens=2, num_beams=3)
+    with pytest.raises(UnsupportedError, match="group_beam_search"):
+        lm.generate(np.array([[5, 6]]), max_new_tokens=2, num_beams=4, num_beam_groups=2, diversity_penalty=1.0)
 
 
 def test_providers(exported):
