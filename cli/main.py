@@ -48,6 +48,10 @@ def _add_export(sub: Any) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
+        import onnx  # noqa: F401  (the exporter's heavy dependencies, checked before any work starts)
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
         from edgelm.export import export_model
     except ImportError as exc:
         return _need_export_extra(exc)
@@ -76,10 +80,10 @@ def _add_models(sub: Any) -> None:
 
 def _cmd_models_fetch(args: argparse.Namespace) -> int:
     try:
+        import transformers  # noqa: F401  (every recipe builds a transformers checkpoint)
+
         from edgelm.models import fetch
-    except ImportError as exc:
-        return _need_export_extra(exc)
-    try:
+
         path = fetch(args.name, force=args.force, log=lambda s: print(s, file=sys.stderr, flush=True))
     except ImportError as exc:
         return _need_export_extra(exc)
