@@ -234,6 +234,30 @@ def _cmd_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure decode tokens/s, time to first token and peak memory",
+                       description="Benchmark the edgelm runtime on an exported causal LM: decode tokens/s, time to "
+                                   "first token and peak RSS, median (min-max) over several runs.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder made by `edgelm export`")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (EOS is held off)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per strategy")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--provider", default="cpu", help="execution provider")
+    p.add_argument("--strategy", action="append", choices=["greedy", "sample", "beam4"], default=None,
+                   help="strategies to time (repeatable; default greedy)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgelm.cli.bench import main_bench
+
+    args.strategy = args.strategy or ["greedy"]
+    return main_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.")
@@ -242,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_generate(sub)
     _add_fill_mask(sub)
+    _add_bench(sub)
     return parser
 
 
