@@ -144,6 +144,25 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
             if streamer is not None:
                 streamer.end()
         return _finish(state, cfg)
+    if mode == modes.CONTRASTIVE_SEARCH:
+        from edgelm.runtime.strategies import contrastive
+
+        if not lm.decoder.has_hidden:
+            raise UnsupportedError(
+                "contrastive search needs the model's last_hidden_state output, which this graph lacks (an optimum "
+                "export?); re-export the model with `edgelm export`")
+        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits,
+                            want_hidden=True)
+        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
+        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
+        if streamer is not None:
+            streamer.put(ids)
+        try:
+            contrastive.run(state, cfg, processors, stopping, streamer)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return _finish(state, cfg)
     if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE):
         from edgelm.runtime.strategies import beam_search
 
@@ -165,7 +184,7 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     raise UnsupportedError(
         f"generation mode {mode!r} (selected by your settings: num_beams={cfg.num_beams}, "
         f"num_beam_groups={cfg.num_beam_groups}, do_sample={cfg.do_sample}, penalty_alpha={cfg.penalty_alpha}) "
-        "is not implemented yet; greedy search, sampling, beam search and beam sampling are"
+        "is not implemented yet; greedy search, sampling, beam search, beam sampling and contrastive search are"
     )
 
 

@@ -63,11 +63,12 @@ def exported(checkpoint, exports_dir):
 
 @pytest.fixture(scope="session")
 def hf_model(checkpoint):
-    """hf_model(name) -> (transformers model in eval mode, transformers tokenizer), cached."""
+    """hf_model(name, attn=None) -> (transformers model in eval mode, its tokenizer), cached per attention kind."""
     cache: dict[str, tuple] = {}
 
-    def get(name: str):
-        if name not in cache:
+    def get(name: str, attn: str | None = None):
+        key = (name, attn)
+        if key not in cache:
             from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
             path = checkpoint(name)
@@ -76,9 +77,10 @@ def hf_model(checkpoint):
 
             archs = json.loads((path / "config.json").read_text()).get("architectures", [""])
             auto = AutoModelForMaskedLM if archs[0].endswith("MaskedLM") else AutoModelForCausalLM
-            model = auto.from_pretrained(path, torch_dtype="float32").eval()
-            cache[name] = (model, tok)
-        return cache[name]
+            kwargs = {"attn_implementation": attn} if attn else {}
+            model = auto.from_pretrained(path, torch_dtype="float32", **kwargs).eval()
+            cache[key] = (model, tok)
+        return cache[key]
 
     return get
 
