@@ -144,6 +144,34 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
             if streamer is not None:
                 streamer.end()
         return _finish(state, cfg)
+    if mode == modes.ASSISTED:
+        from edgelm.runtime.strategies import assisted
+
+        if assistant_model is not None and cfg.prompt_lookup_num_tokens is not None:
+            raise GenerationConfigError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+        if assistant_model is not None:
+            assisted.check_assistant(lm, assistant_model)
+            candidates = assisted.DraftModelCandidates(assistant_model, cfg)
+        else:
+            if cfg.prompt_lookup_num_tokens < 1:
+                raise GenerationConfigError(f"prompt_lookup_num_tokens must be >= 1, got {cfg.prompt_lookup_num_tokens}")
+            candidates = assisted.PromptLookupCandidates(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size,
+                                                         cfg.eos_ids)
+        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits)
+        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
+        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
+        if streamer is not None:
+            streamer.put(ids)
+        try:
+            stats = assisted.run(state, cfg, processors, stopping, candidates, streamer)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        out = _finish(state, cfg)
+        if isinstance(out, GenerateOutput):
+            out.extras["assisted"] = stats
+        lm.last_assisted_stats = stats
+        return out
     if mode == modes.CONTRASTIVE_SEARCH:
         from edgelm.runtime.strategies import contrastive
 
@@ -184,7 +212,7 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     raise UnsupportedError(
         f"generation mode {mode!r} (selected by your settings: num_beams={cfg.num_beams}, "
         f"num_beam_groups={cfg.num_beam_groups}, do_sample={cfg.do_sample}, penalty_alpha={cfg.penalty_alpha}) "
-        "is not implemented yet; greedy search, sampling, beam search, beam sampling and contrastive search are"
+        "is not implemented yet; greedy search, sampling, beam search, beam sampling, contrastive search and greedy assisted decoding are"
     )
 
 

@@ -1,0 +1,84 @@
+"""Assisted decoding and prompt lookup: exactly greedy output with any draft, and transformers' output."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CAUSAL
+from edgelm.runtime import CausalLM, GenerationConfigError
+from edgelm.runtime.errors import UnsupportedError
+
+PROMPT = np.array([[5, 17, 99, 3, 5, 17, 99, 3, 5, 17, 250, 8]], np.int64)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_any_draft_gives_greedy_output(arch, exported):
+    lm = CausalLM.load(exported(f"tiny-{arch}"))
+    greedy = lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None)
+    eos = int(greedy[0, PROMPT.shape[1] + 18])
+    greedy_eos = lm.generate(PROMPT, max_new_tokens=30, eos_token_id=eos)
+    drafts = [CausalLM.load(exported(f"tiny-{d}")) for d in ("gpt2", arch)]  # a poor draft and a perfect one
+    for kw in [dict(assistant_model=drafts[0]), dict(assistant_model=drafts[1]),
+               dict(assistant_model=drafts[0], num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic"),
+               dict(prompt_lookup_num_tokens=4), dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=3)]:
+        np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, **kw), greedy)
+        np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=eos, **kw), greedy_eos)
+    lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, assistant_model=drafts[1])
+    stats = lm.last_assisted_stats
+    assert stats["accepted"] == stats["candidates"] and stats["target_passes"] < 5  # a perfect draft is always right
+
+
+def test_matches_transformers_assisted_and_prompt_lookup(exported, hf_model):
+    model, _ = hf_model("tiny-llama")
+    draft_hf, _ = hf_model("tiny-gpt2")
+    lm, draft = CausalLM.load(exported("tiny-llama")), CausalLM.load(exported("tiny-gpt2"))
+    for ours_kw, hf_kw in ((dict(prompt_lookup_num_tokens=3), dict(prompt_lookup_num_tokens=3)),
+                           (dict(assistant_model=draft), dict(assistant_model=draft_hf))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                ref = model.generate(torch.from_numpy(PROMPT), attention_mask=torch.ones(PROMPT.shape, dtype=torch.long),
+                                     max_new_tokens=25, eos_token_id=None, pad_token_id=0, **hf_kw).numpy()
+        np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=25, eos_token_id=None, **ours_kw), ref)
+
+
+@pytest.mark.real
+def test_smollm2_prompt_lookup_and_self_draft(exported, hf_model):
+    model, tok = hf_model("smollm2-135m-instruct")
+    lm = CausalLM.load(exported("smollm2-135m-instruct"))
+    text = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+    ids = np.array([tok(text)["input_ids"]], np.int64)
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(ids), max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=5).numpy()
+    np.testing.assert_array_equal(lm.generate(ids, max_new_tokens=32, prompt_lookup_num_tokens=5), ref)
+    np.testing.assert_array_equal(lm.generate(ids, max_new_tokens=32, assistant_model=lm), ref)
+
+
+def test_assisted_errors(exported):
+    lm = CausalLM.load(exported("tiny-llama"))
+    with pytest.raises(GenerationConfigError, match="another vocabulary"):
+        lm.generate(PROMPT, max_new_tokens=3, assistant_model=_FakeVocab(CausalLM.load(exported("tiny-llama"))))
+    with pytest.raises(GenerationConfigError, match="batch size 1"):
+        lm.generate(np.repeat(PROMPT, 2, 0), max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(GenerationConfigError, match="greedy search or sampling"):
+        lm.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, num_beams=2)
+    with pytest.raises(UnsupportedError, match="speculative sampling"):
+        lm.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, do_sample=True)
+
+
+class _FakeVocab:
+    """A draft whose vocabulary differs (as a model with another tokenizer would)."""
+
+    def __init__(self, lm):
+        self._lm = lm
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    @property
+    def vocab_size(self):
+        return self._lm.vocab_size + 1
