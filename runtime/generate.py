@@ -127,79 +127,22 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     if generator is not None and seed is not None:
         raise GenerationConfigError("pass either seed or generator, not both")
     rng = generator if generator is not None else np.random.default_rng(seed)
-    if mode in (modes.GREEDY, modes.SAMPLE):
-        from edgelm.runtime.strategies import sampling
+    if mode == modes.GROUP_BEAM_SEARCH:
+        raise UnsupportedError(
+            f"generation mode {mode!r} (selected by num_beam_groups={cfg.num_beam_groups}) is not implemented yet; "
+            "greedy search, sampling, beam search, beam sampling, contrastive search and greedy assisted decoding are")
+    if mode in (modes.GREEDY, modes.SAMPLE) and cfg.num_return_sequences > 1:
+        ids = np.repeat(ids, cfg.num_return_sequences, axis=0)
+        mask = np.repeat(mask, cfg.num_return_sequences, axis=0)
+    processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
+    stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
 
-        if cfg.num_return_sequences > 1:
-            ids = np.repeat(ids, cfg.num_return_sequences, axis=0)
-            mask = np.repeat(mask, cfg.num_return_sequences, axis=0)
-        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits)
-        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
-        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
-        if streamer is not None:
-            streamer.put(ids)
-        try:
-            sampling.run(state, cfg, processors, stopping, rng, streamer)
-        finally:
-            if streamer is not None:
-                streamer.end()
-        return _finish(state, cfg)
-    if mode == modes.ASSISTED:
-        from edgelm.runtime.strategies import assisted
-
-        if assistant_model is not None and cfg.prompt_lookup_num_tokens is not None:
-            raise GenerationConfigError("pass either assistant_model or prompt_lookup_num_tokens, not both")
-        if assistant_model is not None:
-            assisted.check_assistant(lm, assistant_model)
-            candidates = assisted.DraftModelCandidates(assistant_model, cfg)
-        else:
-            if cfg.prompt_lookup_num_tokens < 1:
-                raise GenerationConfigError(f"prompt_lookup_num_tokens must be >= 1, got {cfg.prompt_lookup_num_tokens}")
-            candidates = assisted.PromptLookupCandidates(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size,
-                                                         cfg.eos_ids)
-        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits)
-        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
-        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
-        if streamer is not None:
-            streamer.put(ids)
-        try:
-            stats = assisted.run(state, cfg, processors, stopping, candidates, streamer)
-        finally:
-            if streamer is not None:
-                streamer.end()
-        out = _finish(state, cfg)
-        if isinstance(out, GenerateOutput):
-            out.extras["assisted"] = stats
-        lm.last_assisted_stats = stats
-        return out
-    if mode == modes.CONTRASTIVE_SEARCH:
-        from edgelm.runtime.strategies import contrastive
-
-        if not lm.decoder.has_hidden:
-            raise UnsupportedError(
-                "contrastive search needs the model's last_hidden_state output, which this graph lacks (an optimum "
-                "export?); re-export the model with `edgelm export`")
-        state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits,
-                            want_hidden=True)
-        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
-        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
-        if streamer is not None:
-            streamer.put(ids)
-        try:
-            contrastive.run(state, cfg, processors, stopping, streamer)
-        finally:
-            if streamer is not None:
-                streamer.end()
-        return _finish(state, cfg)
     if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE):
         from edgelm.runtime.strategies import beam_search
 
-        batch = ids.shape[0]
         state = DecodeState(lm.decoder, np.repeat(ids, cfg.num_beams, axis=0), np.repeat(mask, cfg.num_beams, axis=0),
                             cfg.max_length, cfg.output_scores, cfg.output_logits)
-        processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
-        stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
-        result = beam_search.run(state, cfg, processors, stopping, rng, batch)
+        result = beam_search.run(state, cfg, processors, stopping, rng, ids.shape[0])
         if not cfg.return_dict_in_generate:
             return result["sequences"]
         return GenerateOutput(
@@ -209,11 +152,55 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
             logits=tuple(state.raw_logits) if cfg.output_logits else None,
             beam_indices=result["beam_indices"],
         )
-    raise UnsupportedError(
-        f"generation mode {mode!r} (selected by your settings: num_beams={cfg.num_beams}, "
-        f"num_beam_groups={cfg.num_beam_groups}, do_sample={cfg.do_sample}, penalty_alpha={cfg.penalty_alpha}) "
-        "is not implemented yet; greedy search, sampling, beam search, beam sampling, contrastive search and greedy assisted decoding are"
-    )
+
+    want_hidden = mode == modes.CONTRASTIVE_SEARCH
+    if want_hidden and not lm.decoder.has_hidden:
+        raise UnsupportedError(
+            "contrastive search needs the model's last_hidden_state output, which this graph lacks (an optimum "
+            "export?); re-export the model with `edgelm export`")
+    state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits, want_hidden)
+    if mode == modes.ASSISTED:
+        from edgelm.runtime.strategies import assisted
+
+        candidates = _candidates(lm, assistant_model, cfg)
+        stats = _streamed(streamer, ids, lambda: assisted.run(state, cfg, processors, stopping, candidates, streamer))
+        lm.last_assisted_stats = stats
+    elif mode == modes.CONTRASTIVE_SEARCH:
+        from edgelm.runtime.strategies import contrastive
+
+        _streamed(streamer, ids, lambda: contrastive.run(state, cfg, processors, stopping, streamer))
+    else:
+        from edgelm.runtime.strategies import sampling
+
+        _streamed(streamer, ids, lambda: sampling.run(state, cfg, processors, stopping, rng, streamer))
+    out = _finish(state, cfg)
+    if mode == modes.ASSISTED and isinstance(out, GenerateOutput):
+        out.extras["assisted"] = stats
+    return out
+
+
+def _streamed(streamer: Any, prompt: np.ndarray, body: Any) -> Any:
+    """Run a strategy with the streamer fed the prompt first and closed whatever happens."""
+    if streamer is None:
+        return body()
+    streamer.put(prompt)
+    try:
+        return body()
+    finally:
+        streamer.end()
+
+
+def _candidates(lm: Any, assistant_model: Any, cfg: GenerationConfig) -> Any:
+    from edgelm.runtime.strategies import assisted
+
+    if assistant_model is not None and cfg.prompt_lookup_num_tokens is not None:
+        raise GenerationConfigError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+    if assistant_model is not None:
+        assisted.check_assistant(lm, assistant_model)
+        return assisted.DraftModelCandidates(assistant_model, cfg)
+    if cfg.prompt_lookup_num_tokens < 1:
+        raise GenerationConfigError(f"prompt_lookup_num_tokens must be >= 1, got {cfg.prompt_lookup_num_tokens}")
+    return assisted.PromptLookupCandidates(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size, cfg.eos_ids)
 
 
 def _finish(state: DecodeState, cfg: GenerationConfig) -> np.ndarray | GenerateOutput:
