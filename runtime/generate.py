@@ -127,22 +127,21 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     if generator is not None and seed is not None:
         raise GenerationConfigError("pass either seed or generator, not both")
     rng = generator if generator is not None else np.random.default_rng(seed)
-    if mode == modes.GROUP_BEAM_SEARCH:
-        raise UnsupportedError(
-            f"generation mode {mode!r} (selected by num_beam_groups={cfg.num_beam_groups}) is not implemented yet; "
-            "greedy search, sampling, beam search, beam sampling, contrastive search and greedy assisted decoding are")
     if mode in (modes.GREEDY, modes.SAMPLE) and cfg.num_return_sequences > 1:
         ids = np.repeat(ids, cfg.num_return_sequences, axis=0)
         mask = np.repeat(mask, cfg.num_return_sequences, axis=0)
     processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
     stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
 
-    if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE):
-        from edgelm.runtime.strategies import beam_search
+    if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE, modes.GROUP_BEAM_SEARCH):
+        from edgelm.runtime.strategies import beam_search, group_beam_search
 
         state = DecodeState(lm.decoder, np.repeat(ids, cfg.num_beams, axis=0), np.repeat(mask, cfg.num_beams, axis=0),
                             cfg.max_length, cfg.output_scores, cfg.output_logits)
-        result = beam_search.run(state, cfg, processors, stopping, rng, ids.shape[0])
+        if mode == modes.GROUP_BEAM_SEARCH:
+            result = group_beam_search.run(state, cfg, processors, stopping, ids.shape[0])
+        else:
+            result = beam_search.run(state, cfg, processors, stopping, rng, ids.shape[0])
         if not cfg.return_dict_in_generate:
             return result["sequences"]
         return GenerateOutput(

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from edgelm.runtime import CausalLM, GenerationConfigError, InputError, MaskedLM, ModelLoadError, ProviderError
-from edgelm.runtime.errors import UnsupportedError
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +128,6 @@ def test_contradictory_or_bad_settings(lm, kwargs, match):
 def test_greedy_flags_warn_like_transformers(lm):
     with pytest.warns(UserWarning, match="do_sample` is set to `False`. However, `temperature`"):
         lm.generate(np.array([[5, 6]]), max_new_tokens=2, temperature=0.5)
-
-
-def test_unimplemented_mode_names_itself(lm):
-    with pytest.raises(UnsupportedError, match="group_beam_search"):
-        lm.generate(np.array([[5, 6]]), max_new_tokens=2, num_beams=4, num_beam_groups=2, diversity_penalty=1.0)
 
 
 def test_providers(exported):
