@@ -162,7 +162,8 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
         from edgelm.runtime.strategies import assisted
 
         candidates = _candidates(lm, assistant_model, cfg)
-        stats = _streamed(streamer, ids, lambda: assisted.run(state, cfg, processors, stopping, candidates, streamer))
+        stats = _streamed(streamer, ids, lambda: assisted.run(state, cfg, processors, stopping, candidates, streamer,
+                                                                 rng))
         lm.last_assisted_stats = stats
     elif mode == modes.CONTRASTIVE_SEARCH:
         from edgelm.runtime.strategies import contrastive

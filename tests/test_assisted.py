@@ -10,7 +10,6 @@ import torch
 
 from conftest import CAUSAL
 from edgelm.runtime import CausalLM, GenerationConfigError
-from edgelm.runtime.errors import UnsupportedError
 
 PROMPT = np.array([[5, 17, 99, 3, 5, 17, 99, 3, 5, 17, 250, 8]], np.int64)
 
@@ -66,8 +65,8 @@ def test_assisted_errors(exported):
         lm.generate(np.repeat(PROMPT, 2, 0), max_new_tokens=3, prompt_lookup_num_tokens=2)
     with pytest.raises(GenerationConfigError, match="greedy search or sampling"):
         lm.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, num_beams=2)
-    with pytest.raises(UnsupportedError, match="speculative sampling"):
-        lm.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, do_sample=True)
+    with pytest.raises(GenerationConfigError, match="either assistant_model or prompt_lookup"):
+        lm.generate(PROMPT, max_new_tokens=3, prompt_lookup_num_tokens=2, assistant_model=lm)
 
 
 class _FakeVocab:
@@ -82,3 +81,54 @@ class _FakeVocab:
     @property
     def vocab_size(self):
         return self._lm.vocab_size + 1
+
+
+def test_speculative_acceptance_keeps_the_target_distribution():
+    """Chi-square: draft ~ q, accept/resample against p; the first emitted token is distributed as p."""
+    from scipy import stats
+
+    from edgelm.runtime.processors import softmax
+    from edgelm.runtime.strategies.assisted import speculative_accept
+    from edgelm.runtime.strategies.sampling import sample_token
+
+    gen = np.random.default_rng(0)
+    q_scores = gen.standard_normal((1, 12)).astype(np.float32) * 2
+    p_scores = gen.standard_normal((2, 12)).astype(np.float32) * 2
+    q, p = softmax(q_scores)[0], softmax(p_scores)[0]
+    rng = np.random.default_rng(1)
+    firsts = []
+    for _ in range(20000):
+        draft = sample_token(q[None], rng)
+        firsts.append(int(speculative_accept(draft, q_scores, p_scores, False, rng)[0]))
+    counts = np.bincount(firsts, minlength=12)
+    expected = p.astype(np.float64) / p.sum(dtype=np.float64) * counts.sum()
+    assert stats.chisquare(counts, expected)[1] > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["draft", "lookup"])
+def test_assisted_sampling_reproduces_and_scores_match_transformers(kind, exported, hf_model):
+    """Seeded runs repeat; each step's processed scores equal transformers' processors on the target's logits."""
+    from transformers import GenerationConfig as HFConfig
+
+    lm = CausalLM.load(exported("tiny-llama"))
+    kw = dict(assistant_model=CausalLM.load(exported("tiny-llama"))) if kind == "draft" else dict(prompt_lookup_num_tokens=3)
+    settings = dict(do_sample=True, top_k=20, temperature=0.7, repetition_penalty=1.1)
+    a = lm.generate(PROMPT, max_new_tokens=20, eos_token_id=None, seed=3, return_dict_in_generate=True,
+                    output_scores=True, **settings, **kw)
+    b = lm.generate(PROMPT, max_new_tokens=20, eos_token_id=None, seed=3, **settings, **kw)
+    np.testing.assert_array_equal(a.sequences, b)
+    assert a.sequences.shape == (1, PROMPT.shape[1] + 20) and len(a.scores) == 20
+    model, _ = hf_model("tiny-llama")
+    hf_cfg = HFConfig(eos_token_id=None, pad_token_id=0, **settings)
+    seq = torch.from_numpy(a.sequences)
+    procs = model._get_logits_processor(hf_cfg, input_ids_seq_length=PROMPT.shape[1],
+                                        encoder_input_ids=seq, device="cpu")
+    with torch.no_grad():
+        logits = model(seq).logits[0]
+    for step, ours in enumerate(a.scores):
+        at = PROMPT.shape[1] + step
+        theirs = procs(seq[:, :at], logits[at - 1][None].clone()).numpy()
+        np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+        finite = np.isfinite(theirs)
+        assert np.abs(ours[finite] - theirs[finite]).max() < 1e-3
+        assert np.isfinite(ours[0, a.sequences[0, at]])  # the emitted token was allowed by the processed scores

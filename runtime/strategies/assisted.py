@@ -5,7 +5,8 @@ matches in the prompt (``prompt_lookup_num_tokens``), as in transformers 4.55. T
 runs once over [last accepted token + all drafts], keeps the longest prefix of drafts that
 equals its own greedy choice plus one token of its own, and both caches are cropped to the
 accepted length. With greedy decoding the output is therefore exactly plain greedy output,
-whatever the draft proposes; a good draft only makes it faster.
+whatever the draft proposes; a good draft only makes it faster. With sampling, draft tokens
+are accepted by speculative sampling, which keeps the target's distribution exactly.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.runtime.errors import GenerationConfigError, UnsupportedError
-from edgelm.runtime.processors import LogitsProcessorList
+from edgelm.runtime.errors import GenerationConfigError
+from edgelm.runtime.processors import LogitsProcessorList, softmax
 from edgelm.runtime.state import DecodeState
 from edgelm.runtime.stopping import StoppingCriteriaList
+from edgelm.runtime.strategies.sampling import sample_token
 
 
 class PromptLookupCandidates:
@@ -28,7 +30,8 @@ class PromptLookupCandidates:
         self.max_ngram = int(max_matching_ngram_size or 2)
         self.eos = eos
 
-    def get(self, seq: np.ndarray, limit: int) -> np.ndarray:
+    def get(self, seq: np.ndarray, limit: int, processors: Any = None, rng: Any = None) -> tuple[np.ndarray, None]:
+        """Draft tokens (no draft probabilities: under sampling the target samples on its own)."""
         n = len(seq)
         for size in range(min(self.max_ngram, n - 1), 0, -1):
             tail = seq[n - size:]
@@ -40,8 +43,8 @@ class PromptLookupCandidates:
                     hits = np.flatnonzero(np.isin(chosen, self.eos)) if self.eos else []
                     if len(hits):
                         chosen = chosen[: hits[0]]
-                    return chosen[:limit]
-        return seq[:0]
+                    return chosen[:limit], None
+        return seq[:0], None
 
     def update(self, n_matches: int, n_candidates: int) -> None:
         pass
@@ -58,10 +61,12 @@ class DraftModelCandidates:
         self.cache = assistant.decoder.new_cache(1)
         self.cached: np.ndarray = np.zeros(0, np.int64)  # the tokens whose keys/values are in self.cache
 
-    def get(self, seq: np.ndarray, limit: int) -> np.ndarray:
+    def get(self, seq: np.ndarray, limit: int, processors: Any = None,
+            rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Draft tokens; when sampling (``rng`` given), also the draft's processed logits for each of them."""
         want = min(int(self.num_tokens), limit)
         if want <= 0:
-            return seq[:0]
+            return seq[:0], None
         common = 0
         m = min(len(self.cached), len(seq))
         if m:
@@ -71,20 +76,27 @@ class DraftModelCandidates:
         self.cache.crop(common)
         tokens = list(seq)
         drafts: list[int] = []
+        draft_scores: list[np.ndarray] = []
         new = np.asarray(tokens[common:], np.int64)[None, :]
         for _ in range(want):
             total = len(tokens)
             mask = np.ones((1, total), np.int64)
             pos = np.arange(total - new.shape[1], total, dtype=np.int64)[None, :]
             logits, _ = self.lm.decoder.step(new, mask, pos, self.cache)
-            tok = int(np.argmax(logits[0, -1]))
+            scores = logits[:, -1].astype(np.float32)
+            if rng is not None:
+                scores = processors(np.asarray([tokens], np.int64), scores)
+                tok = int(sample_token(softmax(scores), rng)[0])
+                draft_scores.append(scores[0])
+            else:
+                tok = int(np.argmax(scores[0]))
             drafts.append(tok)
             tokens.append(tok)
             new = np.asarray([[tok]], np.int64)
             if tok in self.eos:
                 break
         self.cached = np.asarray(tokens[:-1], np.int64)  # the last draft was never fed
-        return np.asarray(drafts, np.int64)
+        return np.asarray(drafts, np.int64), (np.stack(draft_scores) if rng is not None else None)
 
     def update(self, n_matches: int, n_candidates: int) -> None:
         if self.schedule in ("heuristic", "heuristic_transient"):
@@ -102,47 +114,66 @@ def check_assistant(target: Any, assistant: Any) -> None:
                                     "assisted decoding needs the same tokenizer")
 
 
+def speculative_accept(drafts: np.ndarray, q_scores: np.ndarray, p_scores: np.ndarray, is_done: bool,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Speculative sampling (Leviathan et al.; transformers' ``_speculative_sampling``): the returned tokens are
+    distributed exactly as if the target had sampled them one by one."""
+    n = len(drafts)
+    q = softmax(q_scores)
+    p = softmax(p_scores)
+    ratio = p[np.arange(n), drafts] / q[np.arange(n), drafts]
+    accepted = rng.random(n) <= ratio
+    n_matches = int((np.cumsum(~accepted) < 1).sum()) if n else 0
+    if is_done and n_matches == n:
+        return drafts[:n]
+    if n_matches < n:
+        residual = np.clip(p[n_matches] - q[n_matches], 0, None)
+        residual = residual / residual.sum()
+    else:
+        residual = p[n_matches]
+    t = int(sample_token(residual[None, :], rng)[0])
+    return np.concatenate([drafts[:n_matches], [t]]).astype(np.int64)
+
+
 def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping: StoppingCriteriaList,
-        candidates: Any, streamer: Any = None) -> dict[str, int]:
+        candidates: Any, streamer: Any = None, rng: np.random.Generator | None = None) -> dict[str, int]:
     if state.batch != 1:
         raise GenerationConfigError("assisted decoding supports one sequence at a time (batch size 1), as in transformers")
-    if cfg.do_sample:
-        raise UnsupportedError("assisted decoding with do_sample=True (speculative sampling) is not implemented yet; "
-                               "use greedy assisted decoding or plain sampling")
+    sampling = bool(cfg.do_sample)
     stats = {"candidates": 0, "accepted": 0, "target_passes": 0}
     while True:
         cur = state.cur
-        drafts = candidates.get(state.input_ids[0], cfg.max_length - cur - 1)
+        drafts, q_scores = candidates.get(state.input_ids[0], cfg.max_length - cur - 1, processors,
+                                          rng if sampling else None)
         n = len(drafts)
         if n:
             state.append(drafts[None, :])
+        is_done = bool(n) and bool(stopping(state.input_ids, None).all())
         logits = state.forward(state.cur - state.cache.length)[:, -(n + 1):, :]
         stats["target_passes"] += 1
-        picks = []
-        scores_list = []
-        for i in range(n + 1):
-            scores = processors(state.input_ids[:, : cur + i], logits[:, i, :])
-            scores_list.append(scores)
-            picks.append(int(np.argmax(scores[0])))
-            if i < n and picks[-1] != int(drafts[i]):
-                break
-        n_matches = len(picks) - 1
+        scores = np.concatenate([processors(state.input_ids[:, : cur + i], logits[:, i, :]) for i in range(n + 1)])
+        if sampling and q_scores is not None:
+            accepted = speculative_accept(drafts, q_scores, scores, is_done, rng)
+        else:
+            picks = sample_token(softmax(scores), rng) if sampling else np.argmax(scores, axis=-1)
+            n_matches = int((np.cumsum(drafts != picks[:n]) < 1).sum())
+            accepted = picks[: n_matches + 1]
+        n_matches = len(accepted) - 1
         state.cur = cur
         state.cache.crop(cur + n_matches)
-        accepted = np.asarray(picks, np.int64)
         done = False
         for j, tok in enumerate(accepted):  # stopping is checked token by token, as if decoded one at a time
             state.append(np.asarray([tok]))
-            state.record(scores_list[j], logits[:, j, :])
+            state.record(scores[j:j + 1], logits[:, j, :])
             if streamer is not None:
                 streamer.put(np.asarray([tok]))
-            if stopping(state.input_ids, scores_list[j]).all():
+            if stopping(state.input_ids, scores[j:j + 1]).all():
                 done = True
                 break
         if state.cache.length > state.cur - 1:
             state.cache.crop(state.cur - 1)
         stats["candidates"] += n
-        stats["accepted"] += n_matches
+        stats["accepted"] += min(n_matches, n)
         candidates.update(n_matches, n)
         if done:
             return stats
