@@ -43,6 +43,8 @@ def _add_export(sub: Any) -> None:
                    help="force the task instead of detecting it from the config's architectures")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (atomically, at the end)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version of the exported graph")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantize the MatMul weights after validating the float32 graph (onnxruntime dynamic int8)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -58,6 +60,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
+                     quantize=args.quantize,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
@@ -245,8 +248,10 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs per strategy")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--provider", default="cpu", help="execution provider")
-    p.add_argument("--strategy", action="append", choices=["greedy", "sample", "beam4"], default=None,
+    p.add_argument("--strategy", action="append", choices=["greedy", "sample", "beam4", "group4", "contrastive", "assisted", "lookup"], default=None,
                    help="strategies to time (repeatable; default greedy)")
+    p.add_argument("--assistant-model", default=None, help="draft model folder for --strategy assisted")
+    p.add_argument("--prompt", default=None, help="a text prompt instead of --prompt-tokens random token ids")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench)
 

@@ -56,6 +56,7 @@ def export_model(
     task: str | None = None,
     overwrite: bool = False,
     opset: int = 17,
+    quantize: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
@@ -95,6 +96,15 @@ def export_model(
         else:
             report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
         log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
+        quant_report = None
+        if quantize:
+            from edgelm.export.quantize import quantize_model
+
+            log(f"      quantizing weights ({quantize}); the float32 graph above is what was validated")
+            fp32 = tmp / "model.fp32.onnx"
+            (tmp / MODEL_FILE).rename(fp32)
+            quant_report = quantize_model(fp32, tmp / MODEL_FILE, quantize)
+            fp32.unlink()
         log("[4/4] writing tokenizer, configs and manifest")
         src.tokenizer.save_pretrained(tmp)
         if not (tmp / "tokenizer.json").is_file():
@@ -121,7 +131,10 @@ def export_model(
             edgelm_version=_version(),
             source=str(source),
             validation=report,
+            dtype="float32" if not quantize else f"{quantize} weights, float32 activations",
         )
+        if quant_report:
+            manifest.validation["quantization"] = quant_report
         if src.task == "causal-lm":
             manifest.num_layers = layout.num_layers
             manifest.num_key_value_heads = layout.num_kv_heads

