@@ -95,3 +95,20 @@ def left_pad(rows: list[list[int]], pad: int):
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def check_beams_against_transformers(lm, model, ids, mask, **kw):
+    """Run both generates with scores; sequences, sequences_scores (1e-4) and beam_indices must agree."""
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            ref = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                 return_dict_in_generate=True, output_scores=True, **kw)
+    out = lm.generate(ids, mask, return_dict_in_generate=True, output_scores=True, **kw)
+    np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
+    np.testing.assert_allclose(out.sequences_scores, ref.sequences_scores.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(out.beam_indices, ref.beam_indices.numpy())
+    return ref

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import CAUSAL, left_pad
+from conftest import CAUSAL, check_beams_against_transformers, left_pad
 from edgelm.runtime import CausalLM
 
 SETTINGS = [
@@ -20,21 +18,7 @@ SETTINGS = [
 ]
 
 
-def _hf(model, ids, mask, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            return model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                  return_dict_in_generate=True, output_scores=True, **kw)
-
-
-def _check(lm, model, ids, mask, **kw):
-    ref = _hf(model, ids, mask, **kw)
-    out = lm.generate(ids, mask, return_dict_in_generate=True, output_scores=True, **kw)
-    np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
-    np.testing.assert_allclose(out.sequences_scores, ref.sequences_scores.numpy(), atol=1e-4)
-    np.testing.assert_array_equal(out.beam_indices, ref.beam_indices.numpy())
-    return ref
+_check = check_beams_against_transformers
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
