@@ -87,6 +87,20 @@ class DecodeState:
         self._mask[:, self.cur: self.cur + n] = 1
         self.cur += n
 
+    def emit(self, tokens: np.ndarray, unfinished: np.ndarray, pad: int, stopping, scores: np.ndarray,
+             streamer=None, pad_finished: bool = True) -> bool:
+        """Append one token per row (finished rows get ``pad``), stream it, update ``unfinished`` in place.
+
+        Returns True when every row has stopped.
+        """
+        if pad_finished:
+            tokens = np.where(unfinished, tokens, pad)
+        self.append(tokens)
+        if streamer is not None:
+            streamer.put(tokens)
+        unfinished &= ~stopping(self.input_ids, scores)
+        return not unfinished.any()
+
     def truncate(self, length: int) -> None:
         """Forget tokens after ``length`` (ids, mask and cache): rejected draft tokens."""
         self.cur = length

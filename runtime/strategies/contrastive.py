@@ -69,12 +69,6 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         context_mask = np.concatenate([context_mask, np.ones((batch, 1), np.float32)], axis=1)
         logits = cand_logits[chosen, -1, :].astype(np.float32)
 
-        if has_eos:
-            next_tokens = np.where(unfinished, next_tokens, pad)
-        state.append(next_tokens)
-        if streamer is not None:
-            streamer.put(next_tokens)
-        unfinished &= ~stopping(state.input_ids, scores)
-        if not unfinished.any():
+        if state.emit(next_tokens, unfinished, pad, stopping, scores, streamer, pad_finished=has_eos):
             break
     return state

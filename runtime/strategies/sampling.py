@@ -32,12 +32,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
             next_tokens = sample_token(softmax(scores), rng)
         else:
             next_tokens = np.argmax(scores, axis=-1)
-        next_tokens = np.where(unfinished, next_tokens, pad)
-        state.append(next_tokens)
-        if streamer is not None:
-            streamer.put(next_tokens)
-        unfinished &= ~stopping(state.input_ids, scores)
-        if not unfinished.any():
+        if state.emit(next_tokens, unfinished, pad, stopping, scores, streamer):
             break
         logits = state.forward_last()
     return state
