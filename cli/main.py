@@ -170,27 +170,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         enc = lm.encode_prompts(args.prompt)
     prompt_len = enc["input_ids"].shape[1]
     stream = not args.json and kw.get("num_beams", 1) == 1 and kw.get("num_return_sequences", 1) == 1
-    counter = {"tokens": -1}
 
     def on_text(text: str, end: bool) -> None:
         sys.stdout.write(text + ("\n" if end else ""))
         sys.stdout.flush()
 
     streamer = TextStreamer(lm.tokenizer, skip_prompt=True, on_text=on_text, skip_special_tokens=True) if stream else None
-    if streamer is not None:
-        put = streamer.put
-
-        def counting_put(value: Any) -> None:
-            counter["tokens"] += 1
-            put(value)
-
-        streamer.put = counting_put  # type: ignore[method-assign]
     try:
         out = lm.generate(enc["input_ids"], enc["attention_mask"], streamer=streamer, seed=args.seed, **kw)
     except KeyboardInterrupt:
         if streamer is not None:
             streamer.end()
-        print(f"[interrupted after {max(counter['tokens'], 0)} tokens]", file=sys.stderr)
+        print(f"[interrupted after {streamer.generated if streamer else 0} tokens]", file=sys.stderr)
         return 130
     if args.json:
         seqs = out.tolist()

@@ -24,15 +24,11 @@ PROMPTS = ("The capital of France is", "Hello, my name is Ada and I like to writ
 
 
 def _left_pad(tokenizer: Any, texts: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    from edgelm.runtime.tokenizer import pad_rows
+
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    enc = pad_rows(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "left")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def _positions(mask: np.ndarray, new: int) -> np.ndarray:

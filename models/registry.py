@@ -39,7 +39,7 @@ def _recipes() -> dict[str, ModelRecipe]:
             real.build_smollm2),
         "smollm2-135m-instruct-draft": ModelRecipe(
             "smollm2-135m-instruct-draft", "causal",
-            "SmolLM2-135M-Instruct cut to its first 10 layers: a draft model for assisted decoding",
+            "SmolLM2-135M-Instruct cut to its first 10 layers: a poor draft (~1% acceptance), for tests",
             real.build_smollm2_draft),
         "antiberty": ModelRecipe(
             "antiberty", "masked", "AntiBERTy BERT masked LM (antibody residues), from PyPI's antiberty==0.1.3",

@@ -34,10 +34,7 @@ class CausalLM:
         if manifest.task != "causal-lm":
             raise ModelLoadError(f"{model_dir} holds a {manifest.task} model; load it with MaskedLM.load")
         tokenizer = Tokenizer.load(model_dir)
-        if manifest.vocab_size and tokenizer.vocab_size > manifest.vocab_size:
-            raise ModelLoadError(
-                f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only {manifest.vocab_size}: "
-                "the tokenizer belongs to another model")
+        tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
         decoder = Decoder(model_dir, manifest, provider, threads, optimization)
         gen = GenerationConfig.from_model_dir(model_dir, manifest.eos_token_id, manifest.pad_token_id, manifest.bos_token_id)
         return cls(model_dir, manifest, decoder, tokenizer, gen)

@@ -79,11 +79,6 @@ class GenerationConfig:
     # anything transformers stores in the file that does not change decoding here
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    IGNORED_FROM_FILE = frozenset({
-        "transformers_version", "_from_model_config", "cache_implementation", "output_attentions",
-        "output_hidden_states", "decoder_start_token_id", "is_assistant", "trust_remote_code",
-    })
-
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls) if f.name != "extra"}

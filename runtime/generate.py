@@ -117,10 +117,9 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
              streamer: Any = None, seed: int | None = None, generator: np.random.Generator | None = None,
              assistant_model: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
     ids = check_input_ids(input_ids, lm.vocab_size)
-    cfg0 = generation_config or lm.generation_config
-    mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
-            else default_attention_mask(ids, cfg0.updated(**{k: v for k, v in kwargs.items() if k == "pad_token_id"})))
     cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs)
+    mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
+            else default_attention_mask(ids, cfg))
     mode = cfg.generation_mode(assistant_model)
     if streamer is not None and (cfg.num_beams > 1 or ids.shape[0] * cfg.num_return_sequences > 1):
         raise GenerationConfigError("streaming works with a single sequence (batch 1, num_beams=1, num_return_sequences=1)")

@@ -33,9 +33,7 @@ class MaskedLM:
             raise ModelLoadError(f"{model_dir} holds a {manifest.task} model; load it with CausalLM.load")
         session = create_session(model_dir / manifest.model_file, provider, threads, optimization)
         tokenizer = Tokenizer.load(model_dir)
-        if manifest.vocab_size and tokenizer.vocab_size > manifest.vocab_size:
-            raise ModelLoadError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the model only "
-                                 f"{manifest.vocab_size}: the tokenizer belongs to another model")
+        tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
         return cls(model_dir, manifest, session, tokenizer)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

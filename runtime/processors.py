@@ -34,7 +34,7 @@ class LogitsProcessorList(list):
         return scores
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     shifted = x - m
@@ -153,7 +153,7 @@ class TypicalLogitsWarper(LogitsProcessor):
         self.min_tokens_to_keep = min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
-        normalized = _log_softmax(scores)
+        normalized = log_softmax(scores)
         p = np.exp(normalized)
         ent = -np.nansum(normalized * p, axis=-1, keepdims=True)
         shifted = np.abs(-normalized - ent)
@@ -190,7 +190,7 @@ class EtaLogitsWarper(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         probs = softmax(scores)
-        logp = _log_softmax(scores)
+        logp = log_softmax(scores)
         entropy = -np.sum(np.where(probs > 0, probs * logp, 0.0), axis=-1)
         eta = np.minimum(self.epsilon, np.sqrt(self.epsilon) * np.exp(-entropy))[:, None]
         remove = (probs < eta) & (scores < _kth_largest(scores, self.min_tokens_to_keep))
@@ -355,7 +355,7 @@ class ExponentialDecayLengthPenalty(LogitsProcessor):
 
 class LogitNormalization(LogitsProcessor):
     def __call__(self, input_ids, scores):
-        return _log_softmax(scores).astype(scores.dtype, copy=False)
+        return log_softmax(scores).astype(scores.dtype, copy=False)
 
 
 class HammingDiversityLogitsProcessor:

@@ -24,6 +24,7 @@ class DecodeState:
         self._mask[:, :length] = attention_mask
         self.cur = length
         self.prompt_length = length
+        self._real = attention_mask.sum(axis=1).astype(np.int64)  # real (unmasked) tokens per row so far
         self.cache = decoder.new_cache(batch)
         self.output_scores = output_scores
         self.output_logits = output_logits
@@ -46,11 +47,21 @@ class DecodeState:
         return self._mask[:, : self.cur]
 
     def _positions(self, new: int) -> np.ndarray:
-        """transformers' rule: cumsum of the mask minus one, with padding positions set to 1."""
-        mask = self.attention_mask
-        pos = np.cumsum(mask, axis=1) - 1
-        pos[mask == 0] = 1
-        return pos[:, -new:]
+        """transformers' rule (cumsum of the mask minus one, padding at 1), without a cumsum per step.
+
+        Only the prompt can hold padding; every appended token is real, so the last ``new``
+        positions are the row's real-token count minus ``new`` .. minus 1.
+        """
+        if new == self.cur:
+            mask = self.attention_mask
+            pos = np.cumsum(mask, axis=1) - 1
+            pos[mask == 0] = 1
+            return pos
+        return self._real[:, None] - new + np.arange(new)
+
+    def next_positions(self) -> np.ndarray:
+        """(batch, 1) position of a token appended next."""
+        return self._real[:, None].copy()
 
     def forward(self, new: int) -> np.ndarray:
         """Run the last ``new`` tokens; returns their logits (batch, new, vocab) as float32."""
@@ -86,6 +97,7 @@ class DecodeState:
         self._ids[:, self.cur: self.cur + n] = tokens
         self._mask[:, self.cur: self.cur + n] = 1
         self.cur += n
+        self._real += n
 
     def emit(self, tokens: np.ndarray, unfinished: np.ndarray, pad: int, stopping, scores: np.ndarray,
              streamer=None, pad_finished: bool = True) -> bool:
@@ -101,15 +113,17 @@ class DecodeState:
         unfinished &= ~stopping(self.input_ids, scores)
         return not unfinished.any()
 
-    def truncate(self, length: int) -> None:
-        """Forget tokens after ``length`` (ids, mask and cache): rejected draft tokens."""
+    def truncate(self, length: int, cache_length: int | None = None) -> None:
+        """Forget tokens after ``length`` (rejected draft tokens); the cache keeps ``cache_length`` (default ``length``)."""
+        self._real -= self._mask[:, length: self.cur].sum(axis=1)
         self.cur = length
-        self.cache.crop(length)
+        self.cache.crop(length if cache_length is None else cache_length)
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep ``rows`` (beam search): ids, mask and cache follow."""
         self._ids = self._ids[rows]
         self._mask = self._mask[rows]
+        self._real = self._real[rows]
         self.cache.reorder(rows)
 
     def record(self, scores: np.ndarray, logits: np.ndarray) -> None:

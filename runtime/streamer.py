@@ -40,6 +40,7 @@ class TextStreamer(BaseStreamer):
         self.token_cache: list[int] = []
         self.print_len = 0
         self.next_tokens_are_prompt = True
+        self.generated = 0  # tokens received after the prompt (a caller interrupted mid-way can report it)
 
     @staticmethod
     def _print(text: str, stream_end: bool = False) -> None:
@@ -52,10 +53,11 @@ class TextStreamer(BaseStreamer):
             if value.shape[0] > 1:
                 raise ValueError("TextStreamer only supports batch size 1")
             value = value[0]
-        if self.skip_prompt and self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
+        is_prompt, self.next_tokens_are_prompt = self.next_tokens_are_prompt, False
+        if not is_prompt:
+            self.generated += int(value.size)
+        elif self.skip_prompt:
             return
-        self.next_tokens_are_prompt = False
         self.token_cache.extend(int(v) for v in value.reshape(-1))
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
         if text.endswith("\n"):

@@ -33,6 +33,27 @@ def clean_up_tokenization(text: str) -> str:
             .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve").replace(" 're", "'re"))
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, padding_side: str = "left",
+             type_rows: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Token id rows -> padded ``input_ids`` and ``attention_mask`` (and ``token_type_ids``) int64 arrays."""
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64) if type_rows is not None else None
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = r
+        mask[i, sl] = 1
+        if types is not None:
+            types[i, sl] = type_rows[i]
+    out = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        out["token_type_ids"] = types
+    return out
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any], chat_template: str | None = None):
         self._tok = tokenizer
@@ -42,7 +63,6 @@ class Tokenizer:
         self.model_input_names = list(config.get("model_input_names") or ["input_ids", "attention_mask"])
         for name in SPECIAL_NAMES:
             setattr(self, name, _token_text(config.get(name)))
-        self._special_ids = {t.id for t in []}
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = {i for i, tok in added.items() if tok.special}
 
@@ -117,25 +137,16 @@ class Tokenizer:
 
     def pad(self, rows: list[list[int]], padding_side: str = "left",
             type_rows: list[list[int]] | None = None) -> dict[str, np.ndarray]:
-        if padding_side not in ("left", "right"):
-            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        width = max(len(r) for r in rows)
         pad_id = self.pad_token_id
         if pad_id is None:
             pad_id = self.eos_token_id if self.eos_token_id is not None else 0
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        types = np.zeros((len(rows), width), dtype=np.int64) if type_rows is not None else None
-        for i, r in enumerate(rows):
-            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            ids[i, sl] = r
-            mask[i, sl] = 1
-            if types is not None:
-                types[i, sl] = type_rows[i]
-        out = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            out["token_type_ids"] = types
-        return out
+        return pad_rows(rows, pad_id, padding_side, type_rows)
+
+    def check_belongs_to(self, vocab_size: int, model_dir: Path) -> None:
+        """A tokenizer with more tokens than the model has logits was copied from another model."""
+        if vocab_size and self.vocab_size > vocab_size:
+            raise ModelLoadError(f"the tokenizer in {model_dir} has {self.vocab_size} tokens but the model only "
+                                 f"{vocab_size}: the tokenizer belongs to another model")
 
     # --- decoding -------------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,

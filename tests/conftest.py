@@ -86,15 +86,10 @@ def hf_model(checkpoint):
 
 
 def left_pad(rows: list[list[int]], pad: int):
-    import numpy as np
+    from edgelm.runtime.tokenizer import pad_rows
 
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    enc = pad_rows(rows, pad, "left")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def check_beams_against_transformers(lm, model, ids, mask, **kw):

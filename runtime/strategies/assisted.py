@@ -159,8 +159,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
             n_matches = int((np.cumsum(drafts != picks[:n]) < 1).sum())
             accepted = picks[: n_matches + 1]
         n_matches = len(accepted) - 1
-        state.cur = cur
-        state.cache.crop(cur + n_matches)
+        state.truncate(cur, cache_length=cur + n_matches)
         done = False
         for j, tok in enumerate(accepted):  # stopping is checked token by token, as if decoded one at a time
             state.append(np.asarray([tok]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.runtime.processors import LogitsProcessorList, _log_softmax, softmax
+from edgelm.runtime.processors import LogitsProcessorList, log_softmax, softmax
 from edgelm.runtime.state import DecodeState
 from edgelm.runtime.stopping import StoppingCriteriaList
 
@@ -68,7 +68,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
     logits = state.prefill()
     while True:
         flat_running = running[:, :, :cur_len].reshape(batch_size * num_beams, cur_len)
-        log_probs = _log_softmax(logits).astype(np.float32)
+        log_probs = log_softmax(logits).astype(np.float32)
         log_probs = processors(flat_running, log_probs)
         state.record(log_probs, logits)
         vocab = log_probs.shape[-1]

@@ -33,8 +33,15 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
     has_eos = bool(cfg.eos_ids)
     decoder = state.decoder
     logits = state.prefill()
-    context = state.hidden.astype(np.float32)  # (batch, prompt, hidden): every prompt position
-    context_mask = state.attention_mask.astype(np.float32)  # padding positions never count as "repeated"
+    # Normalised hidden states of every position so far, in a buffer sized for the whole generation:
+    # each step normalises one new state instead of the whole context, and nothing is repeated top_k times.
+    prompt_len, hidden = state.hidden.shape[1], state.hidden.shape[2]
+    cap = max(cfg.max_length, prompt_len + 1)
+    context = np.zeros((batch, cap, hidden), np.float32)
+    context[:, :prompt_len] = _normalise(state.hidden.astype(np.float32))
+    penalty_mask = np.zeros((batch, cap), np.float32)  # padding positions never count as "repeated"
+    penalty_mask[:, :prompt_len] = (1.0 - state.attention_mask) * np.finfo(np.float32).min
+    n_ctx = prompt_len
     unfinished = np.ones(batch, dtype=bool)
     expand = np.repeat(np.arange(batch), top_k)
     rows = np.arange(batch)
@@ -49,26 +56,21 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         cand = KVCache(state.cache.names, list(state.cache.values), state.cache.device, state.cache.device_id)
         cand.reorder(expand)
         mask = np.concatenate([state.attention_mask, np.ones((batch, 1), np.int64)], axis=1)[expand]
-        pos = (np.cumsum(mask, axis=1) - 1)[:, -1:]
+        pos = state.next_positions()[expand]
         cand_logits, cand_hidden = decoder.step(top_ids.reshape(-1, 1), mask, pos, cand, want_hidden=True)
-        next_hidden = cand_hidden[:, 0, :].astype(np.float32)  # (batch*top_k, hidden)
+        next_norm = _normalise(cand_hidden[:, 0, :].astype(np.float32)).reshape(batch, top_k, hidden)
 
         # degeneration penalty: the largest cosine similarity with any real context position
-        ctx = _normalise(context)[expand]  # (batch*top_k, seq, hidden)
-        cos = np.einsum("bsh,bh->bs", ctx, _normalise(next_hidden))
-        cos = cos + (1.0 - context_mask[expand]) * np.finfo(np.float32).min
-        penalty = cos.max(axis=-1)
-        score = ((1.0 - alpha) * top_probs.reshape(-1) - alpha * penalty).reshape(batch, top_k)
+        cos = np.einsum("bsh,bkh->bks", context[:, :n_ctx], next_norm) + penalty_mask[:, None, :n_ctx]
+        score = (1.0 - alpha) * top_probs - alpha * cos.max(axis=-1)
         selected = score.argmax(axis=-1)
-        chosen = rows * top_k + selected
 
         next_tokens = top_ids[rows, selected]
         state.cache.replace(cand.values)
-        state.cache.reorder(chosen)
-        context = np.concatenate([context, next_hidden[chosen][:, None, :]], axis=1)
-        context_mask = np.concatenate([context_mask, np.ones((batch, 1), np.float32)], axis=1)
-        logits = cand_logits[chosen, -1, :].astype(np.float32)
-
+        state.cache.reorder(rows * top_k + selected)
+        context[:, n_ctx] = next_norm[rows, selected]
+        n_ctx += 1
+        logits = cand_logits[rows * top_k + selected, -1, :].astype(np.float32)
         if state.emit(next_tokens, unfinished, pad, stopping, scores, streamer, pad_finished=has_eos):
             break
     return state

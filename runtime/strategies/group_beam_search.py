@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.runtime.processors import HammingDiversityLogitsProcessor, LogitsProcessorList, _log_softmax
+from edgelm.runtime.processors import HammingDiversityLogitsProcessor, LogitsProcessorList, log_softmax
 from edgelm.runtime.state import DecodeState
 from edgelm.runtime.stopping import StoppingCriteriaList
 from edgelm.runtime.strategies.beam_search import topk_indices
@@ -81,7 +81,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
             start = g * gs
             rows = np.array([b * nb + i for b in range(batch) for i in range(start, start + gs)])
             group_ids = input_ids[rows]
-            lp = _log_softmax(logits[rows]).astype(np.float32)
+            lp = log_softmax(logits[rows]).astype(np.float32)
             if hamming is not None:
                 lp = hamming(group_ids, lp, current, g)
             lp = processors(group_ids, lp)
