@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from edgelm.runtime.errors import EdgeLMError
+from edgelm.runtime.errors import EdgeLMError, ProviderError
 
 EXPORT_EXTRA = "pip install 'edgelm[export]'"
 
@@ -24,6 +24,31 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def _need_export_extra(exc: ImportError) -> int:
     return _fail(f"this command needs the exporter's dependencies ({exc.name} is missing): {EXPORT_EXTRA}")
+
+
+# --- shared options ------------------------------------------------------------------
+def add_session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default="cpu",
+                   help="execution provider: cpu, cuda, xnnpack, nnapi, coreml, qnn (one missing from this "
+                        "onnxruntime build warns, names the package that has it, and falls back to cpu)")
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the provider, e.g. device_id=0 for cuda, intra_op_num_threads=4 for xnnpack, "
+                        "ModelFormat=MLProgram for coreml (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--model-file", default=None,
+                   help="which graph of the folder to run, e.g. model.ort from `edgelm export --mobile`")
+
+
+def provider_spec(args: argparse.Namespace) -> Any:
+    if not args.provider_option:
+        return args.provider
+    options = {}
+    for item in args.provider_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ProviderError(f"--provider-option takes KEY=VALUE, got {item!r}")
+        options[key] = value
+    return (args.provider, options)
 
 
 # --- export -------------------------------------------------------------------------
@@ -43,8 +68,17 @@ def _add_export(sub: Any) -> None:
                    help="force the task instead of detecting it from the config's architectures")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (atomically, at the end)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version of the exported graph")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="quantize the MatMul weights after validating the float32 graph (onnxruntime dynamic int8)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the MatMul weights after validating the float32 graph: int8 = onnxruntime dynamic "
+                        "quantization (MatMulInteger), int4 = weight-only MatMulNBits, blocks of 32")
+    p.add_argument("--mobile", action="store_true",
+                   help="also write model.ort (ORT format for ONNX Runtime Mobile, arm target) and "
+                        "required_operators.config (for a reduced-size onnxruntime build)")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="export fixed shapes for NNAPI/CoreML: batch 1, one token per call, a KV cache buffer of "
+                        "--max-length slots written in place (needs --max-length)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="with --static-shapes: the KV buffer size, i.e. prompt + generated tokens at most")
     p.set_defaults(func=_cmd_export)
 
 
@@ -57,10 +91,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from edgelm.export import export_model
     except ImportError as exc:
         return _need_export_extra(exc)
+    if args.static_shapes != (args.max_length is not None):
+        return _fail("--static-shapes and --max-length go together: --static-shapes --max-length N")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
-                     quantize=args.quantize,
+                     quantize=args.quantize, mobile=args.mobile,
+                     static_max_length=args.max_length if args.static_shapes else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
@@ -135,8 +172,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--assistant-model", default=None, help="folder of a smaller exported model for assisted decoding")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, xnnpack, nnapi, coreml, qnn")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    add_session_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object with token ids and texts")
     p.set_defaults(func=_cmd_generate)
 
@@ -158,10 +194,10 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgelm.runtime import CausalLM, TextStreamer
 
-    lm = CausalLM.load(args.model_dir, provider=args.provider, threads=args.threads)
+    lm = CausalLM.load(args.model_dir, provider=provider_spec(args), threads=args.threads, model_file=args.model_file)
     kw = _generation_kwargs(args)
     if args.assistant_model:
-        kw["assistant_model"] = CausalLM.load(args.assistant_model, provider=args.provider, threads=args.threads)
+        kw["assistant_model"] = CausalLM.load(args.assistant_model, provider=provider_spec(args), threads=args.threads)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
@@ -206,7 +242,7 @@ def _add_fill_mask(sub: Any) -> None:
     p.add_argument("model_dir", help="a folder made by `edgelm export` from a masked LM")
     p.add_argument("text", help="text with the model's mask token, e.g. 'The capital of France is [MASK].'")
     p.add_argument("--top-k", type=int, default=5, help="candidates per mask")
-    p.add_argument("--provider", default="cpu", help="execution provider")
+    add_session_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_fill_mask)
 
@@ -214,7 +250,7 @@ def _add_fill_mask(sub: Any) -> None:
 def _cmd_fill_mask(args: argparse.Namespace) -> int:
     from edgelm.runtime import MaskedLM
 
-    lm = MaskedLM.load(args.model_dir, provider=args.provider)
+    lm = MaskedLM.load(args.model_dir, provider=provider_spec(args), threads=args.threads, model_file=args.model_file)
     result = lm.fill_mask(args.text, top_k=args.top_k)
     if args.json:
         print(json.dumps(result))

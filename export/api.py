@@ -57,6 +57,8 @@ def export_model(
     overwrite: bool = False,
     opset: int = 17,
     quantize: str | None = None,
+    mobile: bool = False,
+    static_max_length: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
@@ -68,17 +70,30 @@ def export_model(
     from edgelm.export.source import load_source
 
     output_dir = Path(output_dir)
+    if static_max_length is not None and (not isinstance(static_max_length, int) or static_max_length < 8):
+        raise ExportError(f"--max-length must be an integer of at least 8 for a static-shape export, got {static_max_length!r}")
     if output_dir.exists() and not overwrite:
         raise ExportError(f"{output_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     log(f"[1/4] loading {source}")
     src = load_source(source, task)
     config = src.config
+    if static_max_length is not None:
+        if src.task != "causal-lm":
+            raise ExportError("--static-shapes applies to causal LMs (a masked LM has no KV cache); drop it")
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if limit and static_max_length > limit:
+            raise ExportError(f"--max-length {static_max_length} exceeds the model's {limit} positions; lower it")
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         raw_dir = tmp / ".onnx-raw"
         raw_dir.mkdir()
         log(f"[2/4] exporting {config.model_type} ({src.task}) to ONNX, opset {opset}")
-        if src.task == "causal-lm":
+        if static_max_length is not None:
+            from edgelm.export.causal import layer_windows
+            from edgelm.export.static import export_static
+
+            layout, inputs, outputs = export_static(src.model, raw_dir / MODEL_FILE, static_max_length, opset=opset)
+        elif src.task == "causal-lm":
             from edgelm.export.causal import export_causal, layer_windows
 
             layout, inputs, outputs = export_causal(src.model, raw_dir / MODEL_FILE, opset)
@@ -91,7 +106,12 @@ def export_model(
         log("[3/4] validating against PyTorch")
         from edgelm.export import validate
 
-        if src.task == "causal-lm":
+        if static_max_length is not None:
+            from edgelm.export.static import validate_static
+
+            report = validate_static(src.model, src.tokenizer, tmp / MODEL_FILE, layout, static_max_length,
+                                     validate.LOGITS_ATOL)
+        elif src.task == "causal-lm":
             report = validate.validate_causal(src.model, src.tokenizer, tmp / MODEL_FILE, layout.num_layers)
         else:
             report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
@@ -105,6 +125,11 @@ def export_model(
             (tmp / MODEL_FILE).rename(fp32)
             quant_report = quantize_model(fp32, tmp / MODEL_FILE, quantize)
             fp32.unlink()
+        mobile_report = None
+        if mobile:
+            from edgelm.export.mobile import convert_to_ort
+
+            mobile_report = convert_to_ort(tmp / MODEL_FILE, tmp, log=log)
         log("[4/4] writing tokenizer, configs and manifest")
         src.tokenizer.save_pretrained(tmp)
         if not (tmp / "tokenizer.json").is_file():
@@ -135,6 +160,12 @@ def export_model(
         )
         if quant_report:
             manifest.validation["quantization"] = quant_report
+        if mobile_report:
+            manifest.variants["ort"] = mobile_report["file"]
+            manifest.validation["mobile"] = mobile_report
+        if static_max_length is not None:
+            manifest.static_max_length = static_max_length
+            manifest.static_batch = 1
         if src.task == "causal-lm":
             manifest.num_layers = layout.num_layers
             manifest.num_key_value_heads = layout.num_kv_heads

@@ -32,6 +32,9 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder the user makes
     try:
         yield tmp
         if final.exists():

@@ -8,10 +8,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgelm.runtime.config import GenerationConfig
-from edgelm.runtime.decoder import Decoder
+from edgelm.runtime.decoder import Decoder, StaticDecoder
 from edgelm.runtime.errors import InputError, ModelLoadError
 from edgelm.runtime.generate import GenerateOutput, generate
-from edgelm.runtime.manifest import Manifest, read_manifest
+from edgelm.runtime.manifest import Manifest, read_manifest, resolve_model_file
 from edgelm.runtime.session import ProviderSpec
 from edgelm.runtime.tokenizer import Tokenizer
 
@@ -27,15 +27,21 @@ class CausalLM:
 
     @classmethod
     def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
-             optimization: str = "all") -> "CausalLM":
-        """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``)."""
+             optimization: str = "all", model_file: str | None = None) -> "CausalLM":
+        """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``).
+
+        ``model_file`` picks another graph file of the folder, e.g. ``"model.ort"`` written by
+        ``edgelm export --mobile``; by default the manifest's ``model.onnx``.
+        """
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         if manifest.task != "causal-lm":
             raise ModelLoadError(f"{model_dir} holds a {manifest.task} model; load it with MaskedLM.load")
         tokenizer = Tokenizer.load(model_dir)
         tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
-        decoder = Decoder(model_dir, manifest, provider, threads, optimization)
+        model_file = resolve_model_file(model_dir, manifest, model_file)
+        make = StaticDecoder if manifest.static_max_length else Decoder
+        decoder = make(model_dir, manifest, provider, threads, optimization, model_file)
         gen = GenerationConfig.from_model_dir(model_dir, manifest.eos_token_id, manifest.pad_token_id, manifest.bos_token_id)
         return cls(model_dir, manifest, decoder, tokenizer, gen)
 
@@ -45,7 +51,8 @@ class CausalLM:
 
     @property
     def max_positions(self) -> int | None:
-        return self.manifest.max_position_embeddings
+        limits = [n for n in (self.manifest.max_position_embeddings, self.manifest.static_max_length) if n]
+        return min(limits) if limits else None
 
     def generate(self, input_ids: Any = None, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
                  streamer: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
@@ -76,3 +83,4 @@ class CausalLM:
         seqs = out.sequences if isinstance(out, GenerateOutput) else out
         texts = self.tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=skip_special_tokens)
         return texts[0] if single and len(texts) == 1 else texts
+

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgelm.runtime.errors import ModelLoadError, UnsupportedError
-from edgelm.runtime.kv_cache import KVCache
+from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
+from edgelm.runtime.kv_cache import KVCache, StaticKVCache
 from edgelm.runtime.manifest import Manifest
 from edgelm.runtime.session import ProviderSpec, create_session
 
@@ -22,21 +22,22 @@ class Decoder:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
-                 threads: int | None = None, optimization: str = "all"):
+                 threads: int | None = None, optimization: str = "all", model_file: str | None = None):
         self.manifest = manifest
-        self.session = create_session(Path(model_dir) / manifest.model_file, provider, threads, optimization)
+        self.model_file = model_file or manifest.model_file
+        self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         required = {"input_ids", "attention_mask", "logits"}
         missing = required - set(self.input_names) - set(self.output_names)
         if missing:
-            raise ModelLoadError(f"{manifest.model_file} lacks {', '.join(sorted(missing))}: it is not a causal LM graph")
+            raise ModelLoadError(f"{self.model_file} lacks {', '.join(sorted(missing))}: it is not a causal LM graph")
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         absent = [n for n in self.present_names if n not in self.output_names]
         if absent or not self.past_names:
             raise ModelLoadError(
-                f"{manifest.model_file} has no KV cache inputs/outputs in optimum's naming (missing {absent[:2] or 'past_key_values.*'}); "
+                f"{self.model_file} has no KV cache inputs/outputs in optimum's naming (missing {absent[:2] or 'past_key_values.*'}); "
                 "export it with `edgelm export`"
             )
         if manifest.num_layers and len(self.past_names) != 2 * manifest.num_layers:
@@ -51,6 +52,7 @@ class Decoder:
             if isinstance(dim, int) and dim != want:
                 raise ModelLoadError(f"the manifest's {what} ({want}) disagrees with the graph ({dim}); re-export the model")
         self.has_position_ids = "position_ids" in self.input_names
+        self.static = False
         self.has_hidden = "last_hidden_state" in self.output_names
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -87,3 +89,61 @@ class Decoder:
         hidden = outs[1].numpy() if want_hidden else None
         cache.replace(list(outs[2 if want_hidden else 1:]))
         return logits, hidden
+
+
+class StaticDecoder(Decoder):
+    """Drives a static-shape export (``edgelm export --static-shapes``): one token per call into a fixed buffer.
+
+    It keeps ``Decoder.step``'s contract (any number of new tokens, logits for each), so the
+    strategies cannot tell the difference; a chunk of n tokens costs n calls.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
+                 threads: int | None = None, optimization: str = "all", model_file: str | None = None):
+        super().__init__(model_dir, manifest, provider, threads, optimization, model_file)
+        self.static = True
+        self.capacity = int(manifest.static_max_length)
+        self.static_batch = int(manifest.static_batch or 1)
+        mask = next(i for i in self.session.get_inputs() if i.name == "attention_mask")
+        if "cache_position" not in self.input_names or mask.shape[1] != self.capacity:
+            raise ModelLoadError(
+                f"the manifest says a static cache of {self.capacity} but the graph's attention_mask is {mask.shape}; "
+                "the folder mixes files of different exports: re-export it")
+
+    def new_cache(self, batch: int) -> StaticKVCache:
+        if batch != self.static_batch:
+            raise UnsupportedError(
+                f"this static-shape model was exported for batch {self.static_batch}, not {batch} (beam search, "
+                "several prompts or num_return_sequences > 1 need the dynamic export)")
+        return StaticKVCache(self.past_names, batch, self.num_kv_heads, self.head_dim, self.capacity)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: StaticKVCache,
+             want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        new = input_ids.shape[1]
+        if cache.length + new > self.capacity:
+            raise InputError(
+                f"{cache.length + new} tokens exceed this static-shape model's cache of {self.capacity}; shorten the "
+                f"prompt, lower max_new_tokens, or re-export with a larger --max-length")
+        logits, hidden = [], []
+        for t in range(new):
+            slot = cache.length
+            cache.mask[:, slot] = attention_mask[:, slot]
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids[:, t: t + 1], dtype=np.int64))
+            binding.bind_cpu_input("attention_mask", cache.mask)
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids[:, t: t + 1], dtype=np.int64))
+            binding.bind_cpu_input("cache_position", np.array([slot], dtype=np.int64))
+            cache.bind(binding)
+            binding.bind_output("logits", "cpu")
+            if want_hidden:
+                binding.bind_output("last_hidden_state", "cpu")
+            for name in self.present_names:
+                binding.bind_output(name, self.device)
+            self.session.run_with_iobinding(binding)
+            outs = binding.get_outputs()
+            logits.append(outs[0].numpy())
+            if want_hidden:
+                hidden.append(outs[1].numpy())
+            cache.replace(list(outs[2 if want_hidden else 1:]))
+            cache.length += 1
+        return np.concatenate(logits, axis=1), (np.concatenate(hidden, axis=1) if want_hidden else None)

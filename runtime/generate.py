@@ -121,6 +121,10 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
             else default_attention_mask(ids, cfg))
     mode = cfg.generation_mode(assistant_model)
+    if getattr(lm.decoder, "static", False) and mode not in (modes.GREEDY, modes.SAMPLE, modes.ASSISTED):
+        raise UnsupportedError(
+            f"{mode} needs a cache that changes batch size, which a static-shape export cannot; use greedy or sampling "
+            "with this model, or the dynamic export for this strategy")
     if streamer is not None and (cfg.num_beams > 1 or ids.shape[0] * cfg.num_return_sequences > 1):
         raise GenerationConfigError("streaming works with a single sequence (batch 1, num_beams=1, num_return_sequences=1)")
     if generator is not None and seed is not None:

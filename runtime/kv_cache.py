@@ -71,3 +71,50 @@ class KVCache:
 
     def numpy(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.values]
+
+
+class StaticKVCache:
+    """Fixed-size cache buffers of a static-shape export; ``length`` counts the filled slots.
+
+    The graph writes one slot per call and returns the whole buffer, which is bound back as the
+    next past, so nothing is reallocated. Cropping only lowers ``length``: slots past it are
+    masked out and overwritten by later tokens.
+    """
+
+    def __init__(self, names: Sequence[str], batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype=np.float32):
+        self.names = list(names)
+        self.capacity = capacity
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, num_kv_heads, capacity, head_dim), dtype))
+                       for _ in names]
+        self.length = 0
+        self.mask = np.zeros((batch, capacity), dtype=np.int64)
+        """Which slots hold real tokens (the graph's attention_mask over the whole buffer)."""
+
+    @property
+    def batch(self) -> int:
+        return int(self.mask.shape[0])
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        for name, value in zip(self.names, self.values):
+            binding.bind_ortvalue_input(name, value)
+
+    def replace(self, presents: list[ort.OrtValue]) -> None:
+        self.values = presents
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self.mask[:, length:] = 0
+            self.length = length
+
+    def reorder(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.shape[0] != self.batch:
+            raise ValueError("a static cache cannot change its batch size")
+        if np.array_equal(rows, np.arange(self.batch)):
+            return
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in self.values]
+        self.mask = self.mask[rows]
+
+    def numpy(self) -> list[np.ndarray]:
+        return [v.numpy()[:, :, : self.length] for v in self.values]

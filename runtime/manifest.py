@@ -46,6 +46,9 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     export_seconds: float | None = None
     variants: dict[str, str] = field(default_factory=dict)
+    static_max_length: int | None = None
+    """Set for a static-shape export: the fixed KV buffer length (prompt + generated tokens)."""
+    static_batch: int | None = None
 
     @property
     def has_last_hidden_state(self) -> bool:
@@ -134,3 +137,16 @@ def _from_optimum(model_dir: Path) -> Manifest:
     if gen.is_file() and not man.eos_token_id:
         man.eos_token_id = _as_list(json.loads(gen.read_text()).get("eos_token_id"))
     return man
+
+
+def resolve_model_file(model_dir: Path, manifest: Manifest, model_file: str | None) -> str:
+    """A graph file of this folder: the manifest's, or one it lists among its variants (``model.ort``)."""
+    if model_file is None:
+        return manifest.model_file
+    known = {manifest.model_file, *manifest.variants.values()}
+    if Path(model_file).name != model_file:
+        raise ModelLoadError(f"model_file is a file name inside {model_dir}, not a path: {model_file!r}")
+    if model_file not in known and not (model_dir / model_file).is_file():
+        raise ModelLoadError(f"{model_dir} has no {model_file}; it has {', '.join(sorted(known))}"
+                             + ("" if manifest.variants else " (export with --mobile to get model.ort)"))
+    return model_file

@@ -44,19 +44,21 @@ def checkpoint():
 
 @pytest.fixture(scope="session")
 def exported(checkpoint, exports_dir):
-    """exported(name) -> folder of the validated export of model ``name`` (built once per session)."""
+    """exported(name, **export_options) -> folder of that validated export (built once per session)."""
     from edgelm.export import export_model
 
-    done: dict[str, Path] = {}
+    done: dict[tuple, Path] = {}
 
-    def get(name: str) -> Path:
-        if name not in done:
-            out = exports_dir / name
+    def get(name: str, **options) -> Path:
+        key = (name, *sorted(options.items()))
+        if key not in done:
+            suffix = "".join(f"-{k}_{v}" for k, v in sorted(options.items()))
+            out = exports_dir / f"{name}{suffix}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                export_model(checkpoint(name), out, log=_quiet)
-            done[name] = out
-        return done[name]
+                export_model(checkpoint(name), out, log=_quiet, **options)
+            done[key] = out
+        return done[key]
 
     return get
 
