@@ -5,3 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --disable-pip-version-check -q -e '.[export,test]'
 python3 -c "import edgelm.runtime, edgelm.export; print('edgelm installed')"
+# The Android demo's generation core is tested under onnxruntime-node (its CPU binary ships in
+# the npm package; ONNXRUNTIME_NODE_INSTALL=skip skips the optional GPU download).
+if command -v npm >/dev/null; then
+    (cd android_demo && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error)
+    echo "android_demo dependencies installed"
+else
+    echo "setup: npm is missing; the android_demo tests need Node.js >= 20 and npm" >&2
+    exit 1
+fi
