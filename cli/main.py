@@ -74,6 +74,10 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--mobile", action="store_true",
                    help="also write model.ort (ORT format for ONNX Runtime Mobile, arm target) and "
                         "required_operators.config (for a reduced-size onnxruntime build)")
+    p.add_argument("--fuse", dest="fuse", action="store_true", default=None,
+                   help="fuse Llama/Mistral/Qwen2 attention into onnxruntime's RotaryEmbedding + GroupQueryAttention "
+                        "(default on, off with --mobile: a fused .ort needs ONNX Runtime Mobile as new as this converter)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep attention as standard ONNX operators")
     p.add_argument("--static-shapes", action="store_true",
                    help="export fixed shapes for NNAPI/CoreML: batch 1, one token per call, a KV cache buffer of "
                         "--max-length slots written in place (needs --max-length)")
@@ -96,7 +100,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
-                     quantize=args.quantize, mobile=args.mobile,
+                     quantize=args.quantize, mobile=args.mobile, fuse=args.fuse,
                      static_max_length=args.max_length if args.static_shapes else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0

@@ -12,9 +12,6 @@ from edgelm.runtime.errors import ExportError
 from edgelm.runtime.manifest import MANIFEST_NAME, Manifest, _as_list
 
 MODEL_FILE = "model.onnx"
-EXTERNAL_DATA = "model.onnx.data"
-PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
-"""ONNX protobufs cannot exceed 2 GiB; above this (with headroom) weights go to an external data file."""
 
 
 def _version() -> str:
@@ -26,18 +23,26 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _consolidate(raw_dir: Path, out_dir: Path) -> None:
-    """Move the traced graph into ``out_dir``; big models get one external data file beside it."""
+def _consolidate(raw_dir: Path, out_dir: Path, tie: bool) -> bool:
+    """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``.
+
+    Quantized exports keep the LM head as its own MatMul: the quantizers only rewrite MatMul, and
+    a float32 head would be the biggest weight read per token.
+    """
     import onnx
 
-    raw = raw_dir / MODEL_FILE
-    extra = [p for p in raw_dir.iterdir() if p.name != MODEL_FILE]
-    if not extra and raw.stat().st_size < PROTOBUF_LIMIT:
-        shutil.move(str(raw), out_dir / MODEL_FILE)
-        return
-    model = onnx.load(str(raw), load_external_data=True)
-    onnx.save_model(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA, size_threshold=1024)
+    from edgelm.export import graph
+
+    model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
+    tied = tie and graph.share_tied_embedding(model)
+    graph.save(model, out_dir / MODEL_FILE)
+    return tied
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _special_ids(src: Any) -> tuple[list[int], int | None, int | None]:
@@ -59,6 +64,7 @@ def export_model(
     quantize: str | None = None,
     mobile: bool = False,
     static_max_length: int | None = None,
+    fuse: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
@@ -66,6 +72,12 @@ def export_model(
     The folder appears only once the export validated: everything is written to a temporary
     folder beside ``output_dir`` and renamed at the end, so an error, a kill or a full disk
     leaves no half-written output.
+
+    ``fuse`` (default: on, except with ``mobile``) fuses Llama-family attention into onnxruntime's
+    contrib operators. ORT-format files are only read by onnxruntime releases at least as new as
+    the converter, and contrib operators gain attributes between releases (a 1.32 ``.ort`` with
+    GroupQueryAttention fails in ONNX Runtime Mobile 1.24, the current React Native package), so
+    mobile exports keep standard operators unless ``fuse=True`` is asked for.
     """
     from edgelm.export.source import load_source
 
@@ -75,6 +87,9 @@ def export_model(
     if output_dir.exists() and not overwrite:
         raise ExportError(f"{output_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
+    fused_op = None
+    if fuse is None:
+        fuse = not mobile
     log(f"[1/4] loading {source}")
     src = load_source(source, task)
     config = src.config
@@ -96,12 +111,15 @@ def export_model(
         elif src.task == "causal-lm":
             from edgelm.export.causal import export_causal, layer_windows
 
-            layout, inputs, outputs = export_causal(src.model, raw_dir / MODEL_FILE, opset)
+            layout, inputs, outputs, fused_op = export_causal(src.model, raw_dir / MODEL_FILE, opset, fuse=fuse)
+            if fused_op:
+                log(f"      attention fused into onnxruntime's RotaryEmbedding + {fused_op}")
         else:
             from edgelm.export.masked import export_masked
 
             inputs, outputs = export_masked(src.model, src.tokenizer, raw_dir / MODEL_FILE, opset)
-        _consolidate(raw_dir, tmp)
+        if _consolidate(raw_dir, tmp, tie=not quantize):
+            log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
         log("[3/4] validating against PyTorch")
         from edgelm.export import validate
@@ -112,24 +130,32 @@ def export_model(
             report = validate_static(src.model, src.tokenizer, tmp / MODEL_FILE, layout, static_max_length,
                                      validate.LOGITS_ATOL)
         elif src.task == "causal-lm":
-            report = validate.validate_causal(src.model, src.tokenizer, tmp / MODEL_FILE, layout.num_layers)
+            report = validate.validate_causal(src.model, src.tokenizer, tmp / MODEL_FILE, layout.num_layers,
+                                              chunk_batch=1 if fused_op else None)
         else:
             report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
         log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
         quant_report = None
         if quantize:
+            from edgelm.export import graph
             from edgelm.export.quantize import quantize_model
 
             log(f"      quantizing weights ({quantize}); the float32 graph above is what was validated")
-            fp32 = tmp / "model.fp32.onnx"
-            (tmp / MODEL_FILE).rename(fp32)
-            quant_report = quantize_model(fp32, tmp / MODEL_FILE, quantize)
-            fp32.unlink()
+            model, quant_report = quantize_model(tmp / MODEL_FILE, quantize)
+            for name in (MODEL_FILE, graph.EXTERNAL_DATA):
+                (tmp / name).unlink(missing_ok=True)
+            graph.save(model, tmp / MODEL_FILE)
+            del model
         mobile_report = None
         if mobile:
             from edgelm.export.mobile import convert_to_ort
 
+            if fused_op or quantize == "int4":
+                log("      note: this model.ort uses contrib operators whose attributes change between onnxruntime "
+                    "releases: the app needs ONNX Runtime Mobile at least as new as this converter "
+                    f"(onnxruntime {_ort_version()})")
             mobile_report = convert_to_ort(tmp / MODEL_FILE, tmp, log=log)
+            mobile_report["min_onnxruntime"] = _ort_version() if (fused_op or quantize == "int4") else None
         log("[4/4] writing tokenizer, configs and manifest")
         src.tokenizer.save_pretrained(tmp)
         if not (tmp / "tokenizer.json").is_file():
@@ -172,6 +198,8 @@ def export_model(
             manifest.head_dim = layout.head_dim
             windows = [w for w in layer_windows(config) if w is not None]
             manifest.sliding_window = windows[0] if windows else None
+            manifest.attention = fused_op or "onnx"
+
         manifest.export_seconds = round(time.perf_counter() - start, 1)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     log(f"done in {manifest.export_seconds:.1f}s: {output_dir}")

@@ -9,6 +9,7 @@ for the layers that have one).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,13 @@ class CausalLMWrapper(nn.Module):
         self.layout = layout
         self.windows = layer_windows(model.config)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.positions: dict[str, torch.Tensor] = {}
+        """The current call's position_ids, for fused attention (which cannot get them from transformers)."""
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        self.positions["position_ids"] = position_ids
         cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)))
         query_len = input_ids.shape[1]
         masks = attention_masks(attention_mask, query_len, self.windows, torch.float32)
@@ -134,10 +138,19 @@ def dummy_inputs(layout: KVLayout, batch: int = 2, seq: int = 3, past: int = 4) 
     return (ids, mask, pos, *kv)
 
 
-def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17) -> tuple[KVLayout, list[str], list[str]]:
-    """Trace ``model`` to ``onnx_path``; return the cache layout and the graph's I/O names."""
+def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17,
+                  fuse: bool = True) -> tuple[KVLayout, list[str], list[str], str | None]:
+    """Trace ``model`` to ``onnx_path``; return the cache layout, the graph's I/O names and the fused op (or None).
+
+    With ``fuse``, Llama-family attention becomes onnxruntime's RotaryEmbedding + GroupQueryAttention
+    (see ``fused``); other models, or ``fuse=False``, keep plain ONNX ops.
+    """
+    from edgelm.export.fused import fusable, fused_attention
+
     layout = probe_layout(model)
     wrapper = CausalLMWrapper(model, layout).eval()
+    fused = fuse and fusable(model) is None
+    context = fused_attention(model, wrapper.positions) if fused else contextlib.nullcontext()
     inputs = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
     outputs = ["logits", "last_hidden_state", *layout.output_names()]
     axes = {
@@ -151,9 +164,10 @@ def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17) -> tuple[K
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in layout.output_names():
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
-    with torch.no_grad():
+    with torch.no_grad(), context:
         torch.onnx.export(
-            wrapper, dummy_inputs(layout), str(onnx_path), input_names=inputs, output_names=outputs,
-            dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            wrapper, dummy_inputs(layout), str(onnx_path), input_names=inputs,
+            output_names=outputs, dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            custom_opsets={"com.microsoft": 1} if fused else None,
         )
-    return layout, inputs, outputs
+    return layout, inputs, outputs, ("GroupQueryAttention" if fused else None)

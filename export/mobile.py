@@ -31,17 +31,21 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, target_platform: str = "arm",
     right choice for the CPU and XNNPACK providers; ``target_platform="arm"`` keeps x86-only
     layout transforms out so the same file runs on phones (and still here).
     """
-    if onnx_path.stat().st_size >= 2 * 1024**3:
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    if onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0) >= 2 * 1024**3:
         raise ExportError("the ORT format cannot hold models above 2 GB; quantize (--quantize int8/int4) before --mobile")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ort-") as work:
         work = Path(work)
         src = work / "in" / onnx_path.name
         src.parent.mkdir()
-        # The converter processes every .onnx in a folder; give it a folder with just this model.
-        try:
-            src.hardlink_to(onnx_path)
-        except OSError:
-            shutil.copy2(onnx_path, src)
+        # The converter processes every .onnx in a folder; give it a folder with just this model
+        # (and its external data file, which the .ort file takes in).
+        for path in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+            if path.exists():
+                try:
+                    (src.parent / path.name).hardlink_to(path)
+                except OSError:
+                    shutil.copy2(path, src.parent / path.name)
         cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(src.parent),
                "--output_dir", str(work / "out"), "--optimization_style", "Fixed",
                "--target_platform", target_platform, "--enable_type_reduction"]

@@ -11,7 +11,7 @@ a quantized model unchanged.
 
 from __future__ import annotations
 
-import shutil
+import tempfile
 from pathlib import Path
 
 from edgelm.runtime.errors import ExportError
@@ -20,7 +20,7 @@ SCHEMES = ("int8", "int4")
 INT4_BLOCK = 32
 
 
-def _int4(src: Path, tmp: Path) -> str:
+def _int4(src: Path, out: Path) -> str:
     try:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -29,21 +29,26 @@ def _int4(src: Path, tmp: Path) -> str:
     config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
     quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     quant.process()
-    quant.model.save_model_to_file(str(tmp), use_external_data_format=False)
+    quant.model.save_model_to_file(str(out), use_external_data_format=True)
     return f"onnxruntime MatMulNBitsQuantizer, MatMul weights, 4 bits, block {INT4_BLOCK}, symmetric, accuracy_level 4"
 
 
-def quantize_model(src: Path, dst: Path, scheme: str) -> dict[str, object]:
+def quantize_model(src: Path, scheme: str) -> tuple["onnx.ModelProto", dict[str, object]]:
+    """The quantized model (in memory, for ``graph.save``) and a report; ``src`` is left as it was."""
+    import onnx
+
     if scheme not in SCHEMES:
         raise ExportError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    tmp = dst.with_name(dst.name + ".tmp")
-    if scheme == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory(dir=src.parent, prefix=".quant-") as work:
+        out = Path(work) / "model.onnx"
+        if scheme == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-        method = "onnxruntime quantize_dynamic, MatMul weights, QInt8"
-    else:
-        method = _int4(src, tmp)
-    shutil.move(str(tmp), str(dst))
-    return {"scheme": scheme, "method": method,
-            "float32_bytes": src.stat().st_size if src.exists() else None, "bytes": dst.stat().st_size}
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             use_external_data_format=True)
+            method = "onnxruntime quantize_dynamic, MatMul weights, QInt8"
+        else:
+            method = _int4(src, out)
+        model = onnx.load(str(out), load_external_data=True)
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    return model, {"scheme": scheme, "method": method, "weight_bytes": weights}

@@ -48,8 +48,13 @@ class _Stats:
         return float(np.abs(ours - ref)[valid].max()) / scale if valid.any() else 0.0
 
 
-def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int) -> dict[str, Any]:
-    """Prefill a left-padded batch of 2, decode 3 steps, then a 3-token chunk; compare every output."""
+def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int,
+                    chunk_batch: int | None = None) -> dict[str, Any]:
+    """Prefill a left-padded batch of 2, decode 3 steps, then a 3-token chunk; compare every output.
+
+    ``chunk_batch=1`` runs the chunk on the second row only: onnxruntime's GroupQueryAttention
+    takes several new tokens on top of a past for one row at a time (the runtime splits others).
+    """
     import onnxruntime as ort
     from transformers import DynamicCache
 
@@ -67,6 +72,12 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
     full_mask = mask
     step_ids = ids
     for name, forced in steps:
+        if name == "chunk" and chunk_batch == 1:
+            keep = slice(batch - 1, batch)
+            forced, full_mask = forced[keep], full_mask[keep]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            past = {n: t[keep] for n, t in past.items()}
         if name != "prefill":
             step_ids = forced if forced is not None else next_ids
             full_mask = np.concatenate([full_mask, np.ones_like(step_ids)], axis=1)
@@ -103,6 +114,7 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
     report = {
         "steps": [s for s, _ in steps],
         "batch": batch,
+        "chunk_batch": chunk_batch or batch,
         "max_abs_diff_logits": stats.logits,
         "max_rel_diff_last_hidden_state": stats.hidden,
         "max_rel_diff_present": stats.present,

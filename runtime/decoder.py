@@ -53,6 +53,7 @@ class Decoder:
                 raise ModelLoadError(f"the manifest's {what} ({want}) disagrees with the graph ({dim}); re-export the model")
         self.has_position_ids = "position_ids" in self.input_names
         self.static = False
+        self.one_row_chunks = manifest.attention == "GroupQueryAttention"
         self.has_hidden = "last_hidden_state" in self.output_names
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -72,6 +73,14 @@ class Decoder:
                 "this model's graph has no last_hidden_state output (an optimum export?); contrastive search needs "
                 "it: re-export the model with `edgelm export`"
             )
+        new = input_ids.shape[1]
+        if self.one_row_chunks and new > 1 and input_ids.shape[0] > 1 and cache.length > 0:
+            # GroupQueryAttention takes several tokens on a past for one row only: feed them one by one.
+            total = attention_mask.shape[1]
+            outs = [self.step(input_ids[:, t: t + 1], attention_mask[:, : total - new + t + 1], position_ids[:, t: t + 1],
+                              cache, want_hidden) for t in range(new)]
+            return (np.concatenate([o[0] for o in outs], axis=1),
+                    np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))

@@ -49,6 +49,8 @@ class Manifest:
     static_max_length: int | None = None
     """Set for a static-shape export: the fixed KV buffer length (prompt + generated tokens)."""
     static_batch: int | None = None
+    attention: str = "onnx"
+    """"GroupQueryAttention" when the export fused attention into onnxruntime's contrib operators."""
 
     @property
     def has_last_hidden_state(self) -> bool:

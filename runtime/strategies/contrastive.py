@@ -38,7 +38,11 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
     prompt_len, hidden = state.hidden.shape[1], state.hidden.shape[2]
     cap = max(cfg.max_length, prompt_len + 1)
     context = np.zeros((batch, cap, hidden), np.float32)
-    context[:, :prompt_len] = _normalise(state.hidden.astype(np.float32))
+    # Padding positions are masked out of the penalty; their states are zeroed first because a
+    # fused attention kernel (or SDPA) may leave them non-finite, and NaN + mask is still NaN.
+    real = state.attention_mask[:, :, None] > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        context[:, :prompt_len] = np.where(real, _normalise(state.hidden.astype(np.float32)), 0.0)
     penalty_mask = np.zeros((batch, cap), np.float32)  # padding positions never count as "repeated"
     penalty_mask[:, :prompt_len] = (1.0 - state.attention_mask) * np.finfo(np.float32).min
     n_ctx = prompt_len

@@ -1,0 +1,189 @@
+"""One timed generation by one system, in a process of its own; prints one JSON line.
+
+``edgelm bench --anchors`` starts this file once per (system, strategy, run), interleaved, so
+every system gets a fresh process (its peak RSS is its own) and machine noise hits all alike.
+It is run by path with whichever Python has the system installed (onnxruntime-genai needs
+transformers 5.x, so it lives in a venv of its own), hence only the standard library at the
+top and each system's imports inside its function.
+
+    python bench_workers.py SYSTEM MODEL_PATH REQUEST_JSON
+
+SYSTEM: edgelm | torch | optimum | genai. REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy",
+"threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens", ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+STRATEGIES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50),
+    "beam4": dict(do_sample=False, num_beams=4, early_stopping=False, length_penalty=1.0),
+}
+WARMUP_TOKENS = 8
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Clock:
+    """A transformers-style streamer that only records when tokens arrive (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _timed(call: Callable[[Any], Any], streamed: bool, new_tokens: int) -> dict[str, float]:
+    clock = _Clock()
+    start = time.perf_counter()
+    call(clock if streamed else None)
+    end = time.perf_counter()
+    out = {"total_s": end - start, "end_to_end_tps": new_tokens / (end - start)}
+    if streamed and len(clock.times) > 2:
+        stamps = clock.times[1:]
+        out["ttft_ms"] = 1000 * (stamps[0] - start)
+        out["decode_tps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        out["tokens"] = len(stamps)
+    else:  # beam search emits nothing until the end: whole-call rate
+        out["decode_tps"] = out["end_to_end_tps"]
+        out["tokens"] = new_tokens
+    return out
+
+
+def run_edgelm(model: str, req: dict) -> dict:
+    import numpy as np
+
+    from edgelm.runtime import CausalLM
+
+    t0 = time.perf_counter()
+    lm = CausalLM.load(model, threads=req["threads"], model_file=req.get("model_file"))
+    load_s = time.perf_counter() - t0
+    ids = np.asarray([req["prompt_ids"]], np.int64)
+    kw = dict(STRATEGIES[req["strategy"]])
+    if kw.get("do_sample"):
+        kw["seed"] = 0
+    lm.generate(ids, max_new_tokens=WARMUP_TOKENS)
+    # Time inside onnxruntime vs the whole step: what is left is Python overhead.
+    session = lm.decoder.session
+    inner = session.run_with_iobinding
+    spent = [0.0]
+
+    def run_with_iobinding(*a, **k):
+        t = time.perf_counter()
+        r = inner(*a, **k)
+        spent[0] += time.perf_counter() - t
+        return r
+
+    session.run_with_iobinding = run_with_iobinding
+    n = req["new_tokens"]
+    streamed = kw.get("num_beams", 1) == 1
+    res = _timed(lambda s: lm.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=s, **kw), streamed, n)
+    res["ort_fraction"] = spent[0] / res["total_s"]
+    res["load_s"] = load_s
+    return res
+
+
+def _hf_generate(model: Any, req: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    ids = torch.tensor([req["prompt_ids"]], dtype=torch.long)
+    mask = torch.ones_like(ids)
+    kw = dict(STRATEGIES[req["strategy"]])
+    n = req["new_tokens"]
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=WARMUP_TOKENS, do_sample=False)
+        streamed = kw.get("num_beams", 1) == 1
+        return _timed(lambda s: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                               streamer=s, **kw), streamed, n)
+
+
+def run_torch(model: str, req: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(req["threads"])
+    t0 = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    return {**_hf_generate(lm, req), "load_s": load_s}
+
+
+def run_optimum(model: str, req: dict) -> dict:
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = req["threads"]
+    t0 = time.perf_counter()
+    lm = ORTModelForCausalLM.from_pretrained(model, session_options=opts, use_cache=True, use_io_binding=False)
+    load_s = time.perf_counter() - t0
+    return {**_hf_generate(lm, req), "load_s": load_s}
+
+
+def run_genai(model: str, req: dict) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(model)
+    config.clear_providers()
+    t0 = time.perf_counter()
+    lm = og.Model(config)
+    load_s = time.perf_counter() - t0
+    prompt = req["prompt_ids"]
+    kw = dict(STRATEGIES[req["strategy"]])
+
+    def generate(n: int, clock: _Clock | None) -> None:
+        params = og.GeneratorParams(lm)
+        opts = {"max_length": len(prompt) + n, "min_length": len(prompt) + n, "do_sample": kw["do_sample"]}
+        for key in ("temperature", "top_p", "top_k", "num_beams", "length_penalty", "early_stopping"):
+            if key in kw:
+                opts[key] = kw[key]
+        params.set_search_options(**opts)
+        gen = og.Generator(lm, params)
+        if clock:
+            clock.put(None)
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+            if clock:
+                clock.put(None)
+
+    generate(WARMUP_TOKENS, None)
+    n = req["new_tokens"]
+    streamed = kw.get("num_beams", 1) == 1
+    res = _timed(lambda s: generate(n, s), streamed, n)
+    return {**res, "load_s": load_s}
+
+
+RUNNERS = {"edgelm": run_edgelm, "torch": run_torch, "optimum": run_optimum, "genai": run_genai}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in RUNNERS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    system, model, request = argv
+    req = json.loads(request)
+    if system == "genai":  # onnxruntime-genai reads its thread count from the session options it is given
+        os.environ.setdefault("OMP_NUM_THREADS", str(req["threads"]))
+    res = RUNNERS[system](model, req)
+    res["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

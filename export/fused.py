@@ -1,0 +1,133 @@
+"""Fused attention for the Llama family: onnxruntime's RotaryEmbedding + GroupQueryAttention contrib ops.
+
+A traced Llama layer is ~40 small ONNX nodes of attention (rotate-half slices, concats, the
+KV repeat, two batched MatMuls, softmax); onnxruntime-genai's builder emits two fused
+operators instead, which matters most once weights are quantized and the step is no longer
+bound by reading them. Here the attention modules are swapped, during tracing only, for a
+``torch.autograd.Function`` whose forward is transformers' own computation (so the trace and
+PyTorch agree by construction) and whose ONNX symbolic is the fused pair:
+
+- ``RotaryEmbedding(q|k, position_ids, cos_cache, sin_cache)``: positions come from the graph's
+  ``position_ids``, so left-padded batches rotate exactly like transformers (GroupQueryAttention's
+  built-in rotary reads positions wrongly for padded batches in the prompt, measured).
+- ``GroupQueryAttention(q, k, v, past, seqlens_k = total - 1, total, attention_bias)`` with our
+  additive mask as the bias (padding, causality, sliding window), so the KV cache keeps
+  optimum's layout: ``present = concat(past, new)`` with ``num_key_value_heads`` heads.
+
+onnxruntime's CPU kernel needs a head size that is a multiple of 16 and, with a past, one row
+when more than one token comes in; the runtime splits such chunks into single tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+FUSABLE = ("llama", "mistral", "qwen2")
+STATIC_ROPE = (None, "default", "linear", "llama3")
+
+
+def fusable(model: nn.Module) -> str | None:
+    """None when the model's attention can be fused, else why not (the export then keeps plain ops)."""
+    config = model.config
+    if config.model_type not in FUSABLE:
+        return f"{config.model_type} attention is exported as plain ONNX ops (fusion covers {', '.join(FUSABLE)})"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 16:
+        return f"head size {head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention needs"
+    rope = getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if rope else None
+    if kind not in STATIC_ROPE:
+        return f"rope scaling {kind!r} depends on the sequence length; exported as plain ops"
+    return None
+
+
+def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every position, (max_positions, head_dim / 2), computed as transformers computes them."""
+    rotary = model.base_model.rotary_emb if hasattr(model.base_model, "rotary_emb") else model.model.rotary_emb
+    positions = torch.arange(model.config.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(positions, rotary.inv_freq.float())
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    return (freqs.cos() * scale).contiguous(), (freqs.sin() * scale).contiguous()
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module, q, k, v, past_k, past_v, bias, position_ids, cos_table, sin_table, cos, sin):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        batch, seq, _ = q.shape
+        d = module.head_dim
+        qh = q.view(batch, seq, -1, d).transpose(1, 2)
+        kh = k.view(batch, seq, -1, d).transpose(1, 2)
+        vh = v.view(batch, seq, -1, d).transpose(1, 2)
+        qh, kh = apply_rotary_pos_emb(qh, kh, cos, sin)
+        keys = torch.cat([past_k, kh], dim=2)
+        values = torch.cat([past_v, vh], dim=2)
+        out, _ = eager_attention_forward(module, qh, keys, values, bias, dropout=0.0, scaling=module.scaling)
+        return out.reshape(batch, seq, -1), keys, values
+
+    @staticmethod
+    def symbolic(g, module, q, k, v, past_k, past_v, bias, position_ids, cos_table, sin_table, cos, sin):
+        from torch.onnx import symbolic_helper
+
+        config = module.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        q_type, k_type = q.type().with_sizes([None] * 3), k.type().with_sizes([None] * 3)
+        q = g.op("com.microsoft::RotaryEmbedding", q, position_ids, cos_table, sin_table, interleaved_i=0,
+                 num_heads_i=heads)
+        k = g.op("com.microsoft::RotaryEmbedding", k, position_ids, cos_table, sin_table, interleaved_i=0,
+                 num_heads_i=kv_heads)
+        q.setType(q_type)
+        k.setType(k_type)
+        total = g.op("Cast", g.op("Gather", g.op("Shape", bias), g.op("Constant", value_t=torch.tensor(3)), axis_i=0),
+                     to_i=6)  # int32 scalar: past + new
+        last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
+        batch = g.op("Gather", g.op("Shape", q), g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
+        seqlens_k = g.op("Expand", last, batch)
+        none = symbolic_helper._optional_input_placeholder_tensor(g)
+        out, keys, values = g.op(
+            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total, none, none, none, bias,
+            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=float(module.scaling), local_window_size_i=-1,
+            do_rotary_i=0, outputs=3)
+        out.setType(q_type)  # shapes are dynamic: declare the types so the exporter need not infer them
+        keys.setType(past_k.type().with_sizes([None] * 4))
+        values.setType(past_v.type().with_sizes([None] * 4))
+        return out, keys, values
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Swap every attention module's forward for the fused one while the block runs.
+
+    ``positions["position_ids"]`` must hold the graph's position_ids input when the model runs
+    (the attention modules only receive cos/sin, not the positions themselves).
+    """
+    cos_table, sin_table = rotary_tables(model)
+    originals: list[tuple[nn.Module, Any]] = []
+
+    def make_forward(module: nn.Module):
+        def forward(hidden_states, position_embeddings, attention_mask, past_key_value=None, cache_position=None,
+                    **kwargs):
+            layer = past_key_value.layers[module.layer_idx]
+            cos, sin = position_embeddings
+            out, keys, values = _FusedAttention.apply(
+                module, module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
+                layer.keys, layer.values, attention_mask, positions["position_ids"], cos_table, sin_table, cos, sin)
+            layer.keys, layer.values = keys, values
+            return module.o_proj(out), None
+
+        return forward
+
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "o_proj") and hasattr(module, "layer_idx"):
+            originals.append((module, module.forward))
+            module.forward = make_forward(module)
+    try:
+        yield
+    finally:
+        for module, forward in originals:
+            module.forward = forward

@@ -1,0 +1,78 @@
+"""Fused attention (RotaryEmbedding + GroupQueryAttention) and the file layout of large exports."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import CAUSAL, left_pad
+from edgelm.runtime import CausalLM
+
+FUSED = ("llama", "qwen2", "mistral")
+
+
+def _ops(folder) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_llama_family_attention_is_fused(arch, exported):
+    folder = exported(f"tiny-{arch}")
+    man = json.loads((folder / "edgelm.json").read_text())
+    ops = _ops(folder)
+    layers = man["num_layers"]
+    if arch in FUSED:
+        assert man["attention"] == "GroupQueryAttention"
+        assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+        assert ops["Softmax"] == 0
+    else:
+        assert man["attention"] == "onnx" and ops["GroupQueryAttention"] == 0
+
+
+@pytest.mark.parametrize("arch", FUSED)
+def test_fused_and_plain_exports_agree(arch, exported):
+    """Same greedy and beam tokens on a left-padded batch; logits within float32 noise."""
+    fused = CausalLM.load(exported(f"tiny-{arch}"))
+    plain = CausalLM.load(exported(f"tiny-{arch}", fuse=False))
+    assert plain.manifest.attention == "onnx"
+    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
+    for kw in (dict(do_sample=False), dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)):
+        np.testing.assert_array_equal(fused.generate(ids, mask, max_new_tokens=24, eos_token_id=None, **kw),
+                                      plain.generate(ids, mask, max_new_tokens=24, eos_token_id=None, **kw))
+
+
+def test_multi_token_chunks_on_a_batch_are_split(exported):
+    """GroupQueryAttention takes one row when several tokens come on a past; the decoder splits the chunk."""
+    fused = CausalLM.load(exported("tiny-llama")).decoder
+    plain = CausalLM.load(exported("tiny-llama", fuse=False)).decoder
+    assert fused.one_row_chunks and not plain.one_row_chunks
+    ids, mask = left_pad([[5, 17, 99, 3], [42, 7, 8]], pad=0)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    out = {}
+    for name, dec in (("fused", fused), ("plain", plain)):
+        cache = dec.new_cache(2)
+        dec.step(ids, mask, pos, cache)
+        chunk = np.array([[11, 12, 13], [21, 22, 23]])
+        full = np.concatenate([mask, np.ones_like(chunk)], 1)
+        out[name] = dec.step(chunk, full, pos[:, -1:] + 1 + np.arange(3), cache, want_hidden=True)
+        assert cache.length == 7
+    np.testing.assert_allclose(out["fused"][0], out["plain"][0], atol=1e-4)
+    np.testing.assert_allclose(out["fused"][1], out["plain"][1], atol=1e-4)
+
+
+@pytest.mark.real
+def test_smollm2_export_layout(exported):
+    """Weights in model.onnx.data, the tied embedding stored once, attention fused; validation passed."""
+    folder = exported("smollm2-135m-instruct")
+    man = json.loads((folder / "edgelm.json").read_text())
+    assert man["attention"] == "GroupQueryAttention" and man["validation"]["passed"]
+    data = (folder / "model.onnx.data").stat().st_size
+    assert (folder / "model.onnx").stat().st_size < 10 * 1024**2
+    params = 134_515_008  # SmolLM2-135M: one 49152 x 576 embedding, shared with the LM head
+    assert abs(data - 4 * params) < 0.01 * 4 * params
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert any(n.op_type == "FusedMatMul" and "logits" in n.output for n in model.graph.node)
