@@ -1,123 +1,361 @@
-"""``edgelm bench``: decode tokens/s, time to first token and peak memory of the runtime on one model.
+"""``edgelm bench``: tokens/s, time to first token and peak memory, beside the anchors, on one model.
 
-Timing uses a streamer hook: the first token's arrival gives the time to first token (prefill
-included), the rest give the decode rate. Runs are repeated and reported as median (min-max).
-The anchor comparison against transformers, optimum and onnxruntime-genai belongs to the
-performance work and is not part of this command yet.
+Every measurement is one generation in a fresh process (``bench_workers.py``): its peak RSS is
+its own, nothing is shared between systems, and the runs are interleaved (run 1 of every
+system and strategy, then run 2, ...) so that machine noise hits all systems alike. Figures
+are medians with min and max.
+
+Anchors, when installed: transformers PyTorch and optimum's ORTModelForCausalLM on the
+source checkpoint (float32 exports only), and onnxruntime-genai on a model its own builder
+makes from the same checkpoint at the same precision (genai needs transformers 5.x: give its
+venv's Python with ``--genai-python`` or ``$EDGELM_GENAI_PYTHON``; ``benchmarks/run.sh`` sets
+one up). Anchor models are built once into ``$EDGELM_CACHE/bench``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
-import resource
+import os
+import platform
 import statistics
+import subprocess
 import sys
-import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from edgelm.cli import bench_workers
 
-class _Clock:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
+Log = Callable[[str], None]
+ANCHOR_STRATEGIES = ("greedy", "sample", "beam4")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+@dataclass
+class Target:
+    system: str
+    python: str
+    model: str
 
 
-def run_bench(model_dir: str, prompt_tokens: int = 64, new_tokens: int = 128, runs: int = 5, threads: int | None = None,
-              provider: str = "cpu", strategies: tuple[str, ...] = ("greedy",), log=print,
-              assistant_dir: str | None = None, prompt: str | None = None) -> dict[str, Any]:
-    from edgelm.runtime import CausalLM
-
-    lm = CausalLM.load(model_dir, provider=provider, threads=threads)
-    rng = np.random.default_rng(0)
-    # a fixed pseudo-random prompt of real (non-special) ids: the length is what matters for timing
-    special = set(lm.tokenizer.all_special_ids)
-    pool = np.array([i for i in range(min(lm.vocab_size, 20000)) if i not in special])
-    ids = rng.choice(pool, size=(1, prompt_tokens))
-    if prompt:
-        ids = np.asarray([lm.tokenizer.encode(prompt)], np.int64)
-        prompt_tokens = ids.shape[1]
-    settings = {
-        "greedy": dict(),
-        "sample": dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0),
-        "beam4": dict(num_beams=4),
-        "group4": dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
-        "contrastive": dict(penalty_alpha=0.6, top_k=4),
-        "lookup": dict(prompt_lookup_num_tokens=10),
-    }
-    if "assisted" in strategies:
-        if not assistant_dir:
-            raise SystemExit("edgelm bench: --strategy assisted needs --assistant-model DIR")
-        settings["assisted"] = dict(assistant_model=CausalLM.load(assistant_dir, provider=provider, threads=threads),
-                                    num_assistant_tokens=3)
-    results: dict[str, Any] = {"model": str(model_dir), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                               "runs": runs, "threads": threads, "provider": provider, "strategies": {}}
-    for name in strategies:
-        kw = dict(settings[name], max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        tps, ttft, totals = [], [], []
-        lm.generate(ids, max_new_tokens=4)  # warm-up: session arenas, first-run allocations
-        for i in range(runs):
-            start = time.perf_counter()
-            if name in ("beam4", "group4", "assisted", "lookup"):  # several tokens per step: time the whole call
-                lm.generate(ids, **kw)
-                total = time.perf_counter() - start
-                tps.append(new_tokens / total)
-                totals.append(total)
-                continue
-            clock = _Clock()
-            lm.generate(ids, streamer=clock, **kw)
-            stamps = clock.times[1:]  # the first put() is the prompt
-            ttft.append(stamps[0] - start)
-            tps.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            totals.append(stamps[-1] - start)
-            log(f"  {name} run {i + 1}/{runs}: {tps[-1]:.1f} tok/s, first token {1000 * ttft[-1]:.0f} ms")
-        entry = {"decode_tokens_per_s": _summary(tps), "total_s": _summary(totals),
-                 "end_to_end_tokens_per_s": _summary([new_tokens / t for t in totals])}
-        if ttft:
-            entry["time_to_first_token_ms"] = _summary([1000 * t for t in ttft])
-        stats = getattr(lm, "last_assisted_stats", None)
-        if name in ("assisted", "lookup") and stats:
-            entry["acceptance_rate"] = round(stats["accepted"] / max(stats["candidates"], 1), 3)
-            entry["tokens_per_target_pass"] = round(new_tokens / stats["target_passes"], 2)
-        results["strategies"][name] = entry
-    results["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    return results
+def _precision(manifest: Any) -> str:
+    return (manifest.validation.get("quantization") or {}).get("scheme", "fp32")
 
 
-def _summary(xs: list[float]) -> dict[str, float]:
+def _checkpoint(manifest: Any, given: str | None, log: Log) -> Path | None:
+    path = Path(given or manifest.source or "")
+    if given is None and not (path / "config.json").is_file():
+        log(f"bench: the export's source ({manifest.source or '?'}) is not a checkpoint folder; "
+            "pass --checkpoint DIR to run the PyTorch, optimum and genai anchors")
+        return None
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"edgelm bench: --checkpoint {path} is not a transformers checkpoint folder (no config.json)")
+    return path
+
+
+def _bench_cache(kind: str, checkpoint: Path) -> Path:
+    from edgelm.models.cache import cache_dir
+
+    digest = hashlib.sha1(str(checkpoint.resolve()).encode()).hexdigest()[:10]
+    return cache_dir() / "bench" / f"{kind}-{checkpoint.name}-{digest}"
+
+
+def _run(cmd: list[str], what: str, log: Log) -> None:
+    log(f"bench: building {what}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"edgelm bench: building {what} failed: {' | '.join(tail)}")
+
+
+def _optimum_model(checkpoint: Path, log: Log) -> Path:
+    from edgelm.models.cache import atomic_dir
+
+    out = _bench_cache("optimum", checkpoint)
+    if not (out / "model.onnx").is_file():
+        with atomic_dir(out, overwrite=True) as tmp:
+            _run([sys.executable, "-c", "import sys; from optimum.exporters.onnx import main_export; "
+                  "main_export(sys.argv[1], sys.argv[2], task='text-generation-with-past')", str(checkpoint), str(tmp)],
+                 "the optimum ONNX export (optimum.exporters.onnx.main_export)", log)
+    return out
+
+
+def _genai_python(given: str | None) -> str | None:
+    candidates = [given, os.environ.get("EDGELM_GENAI_PYTHON"), ".venv-genai/bin/python"]
+    for python in candidates:
+        if python and Path(python).is_file():
+            ok = subprocess.run([python, "-c", "import onnxruntime_genai"], capture_output=True).returncode == 0
+            if ok:
+                return python
+            if python == given:
+                raise SystemExit(f"edgelm bench: {given} cannot import onnxruntime_genai; see benchmarks/run.sh")
+    return None
+
+
+def _genai_model(python: str, checkpoint: Path, precision: str, log: Log) -> Path:
+    from edgelm.models.cache import atomic_dir
+
+    out = _bench_cache(f"genai-{precision}", checkpoint)
+    if not (out / "genai_config.json").is_file():
+        with atomic_dir(out, overwrite=True) as tmp:
+            _run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
+                  "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")],
+                 f"the onnxruntime-genai {precision} model (onnxruntime_genai.models.builder)", log)
+            (tmp / ".cache").exists() and subprocess.run(["rm", "-rf", str(tmp / ".cache")])
+    return out
+
+
+def plan(model_dir: str, manifest: Any, anchors: bool, checkpoint: str | None, genai_python: str | None,
+         log: Log) -> list[Target]:
+    targets = [Target("edgelm", sys.executable, str(model_dir))]
+    if not anchors:
+        return targets
+    ckpt = _checkpoint(manifest, checkpoint, log)
+    if ckpt is None:
+        return targets
+    precision = _precision(manifest)
+    if precision == "fp32":
+        if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+            targets.append(Target("torch", sys.executable, str(ckpt)))
+        else:
+            log("bench: transformers/torch are not installed (pip install 'edgelm[export]'): no PyTorch anchor")
+        if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.onnxruntime"):
+            targets.append(Target("optimum", sys.executable, str(_optimum_model(ckpt, log))))
+        else:
+            log("bench: optimum is not installed (pip install 'edgelm[export]'): no optimum anchor")
+    python = _genai_python(genai_python)
+    if python:
+        targets.append(Target("genai", python, str(_genai_model(python, ckpt, precision, log))))
+    else:
+        log("bench: no onnxruntime-genai (give --genai-python, or run benchmarks/run.sh once): no genai anchor")
+    return targets
+
+
+def _measure(target: Target, request: dict[str, Any]) -> dict[str, Any]:
+    cmd = [target.python, bench_workers.__file__, target.system, target.model, json.dumps(request)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+        return {"error": " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summary(xs: list[float]) -> dict[str, float] | None:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
     return {"median": round(statistics.median(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
 
 
-def markdown(results: dict[str, Any]) -> str:
-    lines = [f"edgelm on {results['model']} ({results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens, "
-             f"{results['runs']} runs, threads={results['threads']}, provider={results['provider']})", "",
-             "| strategy | decode tokens/s median (min-max) | end-to-end tokens/s | time to first token ms | peak RSS MB |",
-             "|---|---|---|---|---|"]
-    for name, e in results["strategies"].items():
-        t = e["decode_tokens_per_s"]
-        f = e.get("time_to_first_token_ms")
-        ft = f"{f['median']:.0f} ({f['min']:.0f}-{f['max']:.0f})" if f else "-"
-        extra = f" (acceptance {e['acceptance_rate']:.0%})" if "acceptance_rate" in e else ""
-        lines.append(f"| {name}{extra} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | {e['end_to_end_tokens_per_s']['median']:.1f} | {ft} | {results['peak_rss_mb']:.0f} |")
+def _prompt_ids(model_dir: str, prompt_tokens: int, prompt: str | None) -> list[int]:
+    from edgelm.runtime.manifest import read_manifest
+    from edgelm.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(model_dir))
+    if prompt:
+        return [int(i) for i in tok.encode(prompt)]
+    # A fixed pseudo-random prompt of ordinary (non-special) ids: its length is what matters for timing.
+    vocab = read_manifest(Path(model_dir)).vocab_size
+    special = set(tok.all_special_ids)
+    pool = np.array([i for i in range(min(vocab, 20000)) if i not in special])
+    return np.random.default_rng(0).choice(pool, size=prompt_tokens).tolist()
+
+
+def run_bench(model_dir: str, prompt_tokens: int = 64, new_tokens: int = 128, runs: int = 5, threads: int = 2,
+              strategies: tuple[str, ...] = ("greedy",), anchors: bool = False, checkpoint: str | None = None,
+              genai_python: str | None = None, lengths: tuple[int, ...] = (), assistant_dir: str | None = None,
+              prompt: str | None = None, beam_new_tokens: int = 64, log: Log = print) -> dict[str, Any]:
+    from edgelm.runtime.manifest import read_manifest
+
+    manifest = read_manifest(Path(model_dir))
+    targets = plan(model_dir, manifest, anchors, checkpoint, genai_python, log)
+    ids = _prompt_ids(model_dir, prompt_tokens, prompt)
+    base = {"prompt_ids": ids, "threads": threads}
+    if assistant_dir:
+        base["assistant"] = assistant_dir
+    if "assisted" in strategies and not assistant_dir:
+        raise SystemExit("edgelm bench: --strategy assisted needs --assistant-model DIR")
+    cells: dict[tuple[str, str], list[dict]] = {}
+    jobs = []
+    for strategy in strategies:
+        n = beam_new_tokens if strategy.startswith(("beam", "group")) else new_tokens
+        for t in targets:
+            if t.system == "edgelm" or strategy in ANCHOR_STRATEGIES:
+                jobs.append((t, strategy, n, f"{strategy}"))
+    for length in lengths:
+        for t in targets:
+            if t.system in ("edgelm", "genai"):
+                jobs.append((t, "greedy", length, f"greedy@{length}"))
+    total = runs * len(jobs)
+    done = 0
+    for run in range(runs):
+        for t, strategy, n, key in jobs:
+            res = _measure(t, {**base, "strategy": strategy, "new_tokens": n})
+            done += 1
+            cells.setdefault((t.system, key), []).append(res)
+            shown = f"{res['decode_tps']:.1f} tok/s" if "decode_tps" in res else f"failed: {res['error']}"
+            log(f"[{done}/{total}] run {run + 1} {t.system:8s} {key:16s} {shown}")
+    results: dict[str, Any] = {
+        "model": str(model_dir), "precision": _precision(manifest), "attention": manifest.attention,
+        "prompt_tokens": len(ids), "new_tokens": new_tokens, "beam_new_tokens": beam_new_tokens, "runs": runs,
+        "threads": threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                        "processor": platform.processor() or platform.machine()},
+        "systems": {t.system: t.model for t in targets}, "results": {},
+    }
+    for (system, key), rs in cells.items():
+        ok = [r for r in rs if "error" not in r]
+        entry: dict[str, Any] = {"errors": [r["error"] for r in rs if "error" in r]}
+        for field in ("decode_tps", "ttft_ms", "peak_rss_mb", "end_to_end_tps", "ort_fraction", "sampling_fraction",
+                      "acceptance_rate"):
+            entry[field] = _summary([r.get(field) for r in ok])
+        results["results"].setdefault(system, {})[key] = entry
+    return results
+
+
+def _cell(entry: dict | None, field: str, fmt: str = "{:.1f}") -> str:
+    s = (entry or {}).get(field)
+    if not s:
+        return "-"
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+def _median(results: dict, system: str, key: str, field: str = "decode_tps") -> float | None:
+    s = ((results["results"].get(system) or {}).get(key) or {}).get(field)
+    return s["median"] if s else None
+
+
+def targets_report(results: dict) -> list[tuple[str, str, bool | None]]:
+    """The performance issue's targets, each (what, figure, met?) from this run's medians."""
+    out = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def add(what: str, value: float | None, goal: float, fmt: str, higher: bool = True) -> None:
+        if value is None:
+            out.append((what, "not measured", None))
+        else:
+            out.append((what, fmt.format(value), value >= goal if higher else value <= goal))
+
+    genai = "genai"
+    for key in ("greedy", "beam4"):
+        add(f"{key} decode tokens/s vs onnxruntime-genai (>= 1.0x)",
+            ratio(_median(results, "edgelm", key), _median(results, genai, key)), 1.0, "{:.2f}x")
+    if results["precision"] == "fp32":
+        add("greedy vs transformers PyTorch (>= 2.5x)",
+            ratio(_median(results, "edgelm", "greedy"), _median(results, "torch", "greedy")), 2.5, "{:.2f}x")
+        ours, theirs = (_median(results, s, "greedy", "ttft_ms") for s in ("edgelm", genai))
+        add("time to first token, edgelm / genai (<= 1.0)", ratio(ours, theirs), 1.0, "{:.2f}", higher=False)
+        ours, theirs = (_median(results, s, "greedy", "peak_rss_mb") for s in ("edgelm", genai))
+        add("peak RSS, edgelm / genai (<= 1.0)", ratio(ours, theirs), 1.0, "{:.2f}", higher=False)
+    lengths = sorted(int(k.split("@")[1]) for k in results["results"].get("edgelm", {}) if k.startswith("greedy@"))
+    if len(lengths) >= 2:
+        add(f"tokens/s at {lengths[-1]} new tokens / at {lengths[0]} (>= 0.75)",
+            ratio(_median(results, "edgelm", f"greedy@{lengths[-1]}"), _median(results, "edgelm", f"greedy@{lengths[0]}")),
+            0.75, "{:.2f}")
+    ort = _median(results, "edgelm", "greedy", "ort_fraction")
+    add("Python overhead per greedy step, batch 1 (< 10%)", None if ort is None else 100 * (1 - ort), 10, "{:.1f}%",
+        higher=False)
+    for key in ("sample", "sample_full_vocab"):
+        frac = _median(results, "edgelm", key, "sampling_fraction")
+        if frac is not None:
+            add(f"processors + draw in {key} (top-p 0.9), share of the step (< 5%)", 100 * frac, 5, "{:.1f}%",
+                higher=False)
+    return out
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"**{Path(results['model']).name}** ({results['precision']}, attention: {results['attention']}), "
+        f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens "
+        f"({results['beam_new_tokens']} for beams), {results['threads']} threads, {results['runs']} interleaved runs "
+        f"each, median (min-max); {m['cpus']} CPUs, {m['platform']}", "",
+        "| system | strategy | decode tokens/s | vs genai | time to first token ms | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, per in results["results"].items():
+        for key, entry in per.items():
+            ours, theirs = _median(results, system, key), _median(results, "genai", key)
+            vs = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+            extra = ""
+            if entry.get("acceptance_rate"):
+                extra = f" (acceptance {entry['acceptance_rate']['median']:.0%})"
+            if entry.get("errors"):
+                extra += f" ({len(entry['errors'])} failed: {entry['errors'][0][:80]})"
+            lines.append(f"| {system} | {key}{extra} | {_cell(entry, 'decode_tps')} | {vs} | "
+                         f"{_cell(entry, 'ttft_ms', '{:.0f}')} | {_cell(entry, 'peak_rss_mb', '{:.0f}')} |")
+    checks = targets_report(results)
+    if checks:
+        lines += ["", "| target | this run | met |", "|---|---|---|"]
+        for what, figure, met in checks:
+            lines.append(f"| {what} | {figure} | {'-' if met is None else 'yes' if met else 'NO'} |")
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> Path | None:
+    """Tokens/s by system and strategy, and tokens/s against length; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = [k for k in ("greedy", "sample", "beam4", "group4", "contrastive", "lookup", "assisted")
+            if any(k in per for per in results["results"].values())]
+    systems = list(results["results"])
+    width = 0.8 / max(len(systems), 1)
+    for i, system in enumerate(systems):
+        vals = [_median(results, system, k) or 0 for k in keys]
+        ax1.bar(np.arange(len(keys)) + i * width, vals, width, label=system)
+    ax1.set_xticks(np.arange(len(keys)) + width * (len(systems) - 1) / 2, keys)
+    ax1.set_ylabel("decode tokens/s (median)")
+    ax1.set_title(f"{Path(results['model']).name} ({results['precision']})")
+    ax1.legend()
+    for system, per in results["results"].items():
+        pts = sorted((int(k.split("@")[1]), v["decode_tps"]["median"]) for k, v in per.items()
+                     if k.startswith("greedy@") and v.get("decode_tps"))
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=system)
+    ax2.set_xlabel("new tokens")
+    ax2.set_ylabel("greedy decode tokens/s")
+    ax2.set_title("tokens/s against length")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main_bench(args: Any) -> int:
-    res = run_bench(args.model_dir, args.prompt_tokens, args.new_tokens, args.runs, args.threads, args.provider,
-                    tuple(args.strategy), log=lambda s: print(s, file=sys.stderr, flush=True),
-                    assistant_dir=args.assistant_model, prompt=args.prompt)
-    print(markdown(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else ()
+    res = run_bench(args.model_dir, args.prompt_tokens, args.new_tokens, args.runs, args.threads,
+                    tuple(args.strategy), args.anchors, args.checkpoint, args.genai_python, lengths,
+                    args.assistant_model, args.prompt, args.beam_new_tokens, log)
+    if args.reference:
+        from edgelm.cli.bench_quality import quality
+
+        log(f"bench: quality against {args.reference}")
+        res["quality"] = quality(args.model_dir, args.reference, threads=args.threads)
+    text = markdown(res)
+    if "quality" in res:
+        from edgelm.cli.bench_quality import quality_markdown
+
+        text += "\n\n" + quality_markdown(res["quality"])
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{Path(args.model_dir).name}"
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        (out / f"{stem}.md").write_text(text + "\n")
+        png = plot(res, out / f"{stem}.png")
+        log(f"bench: wrote {out / (stem + '.json')}, {out / (stem + '.md')}" + (f", {png}" if png else
+            " (no plot: pip install 'edgelm[bench]' for matplotlib)"))
     return 0

@@ -26,6 +26,15 @@ STRATEGIES = {
     "sample": dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50),
     "beam4": dict(do_sample=False, num_beams=4, early_stopping=False, length_penalty=1.0),
 }
+EDGELM_ONLY = {
+    "sample_full_vocab": dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0),
+    "group4": dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
+    "contrastive": dict(penalty_alpha=0.6, top_k=4),
+    "lookup": dict(prompt_lookup_num_tokens=10),
+    "assisted": dict(num_assistant_tokens=3),
+}
+WHOLE_CALL = ("beam4", "group4", "lookup", "assisted")
+"""Strategies that emit several tokens per step (or only at the end): timed as whole calls."""
 WARMUP_TOKENS = 8
 
 
@@ -67,31 +76,44 @@ def run_edgelm(model: str, req: dict) -> dict:
     import numpy as np
 
     from edgelm.runtime import CausalLM
+    from edgelm.runtime.processors import LogitsProcessorList
+    from edgelm.runtime.strategies import sampling
 
     t0 = time.perf_counter()
     lm = CausalLM.load(model, threads=req["threads"], model_file=req.get("model_file"))
     load_s = time.perf_counter() - t0
     ids = np.asarray([req["prompt_ids"]], np.int64)
-    kw = dict(STRATEGIES[req["strategy"]])
+    strategy = req["strategy"]
+    kw = dict(STRATEGIES.get(strategy) or EDGELM_ONLY[strategy])
+    if strategy == "assisted":
+        kw["assistant_model"] = CausalLM.load(req["assistant"], threads=req["threads"])
     if kw.get("do_sample"):
         kw["seed"] = 0
     lm.generate(ids, max_new_tokens=WARMUP_TOKENS)
-    # Time inside onnxruntime vs the whole step: what is left is Python overhead.
+    # Where the time goes: inside onnxruntime, in the logits processors + the draw, and the rest (Python).
+    spent = {"ort": 0.0, "sampling": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
     session = lm.decoder.session
-    inner = session.run_with_iobinding
-    spent = [0.0]
-
-    def run_with_iobinding(*a, **k):
-        t = time.perf_counter()
-        r = inner(*a, **k)
-        spent[0] += time.perf_counter() - t
-        return r
-
-    session.run_with_iobinding = run_with_iobinding
+    session.run_with_iobinding = timed(session.run_with_iobinding, "ort")
+    LogitsProcessorList.__call__ = timed(LogitsProcessorList.__call__, "sampling")
+    sampling.sample_token = timed(sampling.sample_token, "sampling")
     n = req["new_tokens"]
-    streamed = kw.get("num_beams", 1) == 1
-    res = _timed(lambda s: lm.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=s, **kw), streamed, n)
-    res["ort_fraction"] = spent[0] / res["total_s"]
+    res = _timed(lambda s: lm.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=s, **kw),
+                 strategy not in WHOLE_CALL, n)
+    res["ort_fraction"] = spent["ort"] / res["total_s"]
+    res["sampling_fraction"] = spent["sampling"] / res["total_s"]
+    stats = getattr(lm, "last_assisted_stats", None)
+    if stats:
+        res["acceptance_rate"] = stats["accepted"] / max(stats["candidates"], 1)
     res["load_s"] = load_s
     return res
 
@@ -106,7 +128,7 @@ def _hf_generate(model: Any, req: dict) -> dict:
     n = req["new_tokens"]
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, max_new_tokens=WARMUP_TOKENS, do_sample=False)
-        streamed = kw.get("num_beams", 1) == 1
+        streamed = req["strategy"] not in WHOLE_CALL
         return _timed(lambda s: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                                streamer=s, **kw), streamed, n)
 
@@ -163,8 +185,7 @@ def run_genai(model: str, req: dict) -> dict:
 
     generate(WARMUP_TOKENS, None)
     n = req["new_tokens"]
-    streamed = kw.get("num_beams", 1) == 1
-    res = _timed(lambda s: generate(n, s), streamed, n)
+    res = _timed(lambda s: generate(n, s), req["strategy"] not in WHOLE_CALL, n)
     return {**res, "load_s": load_s}
 
 

@@ -269,21 +269,36 @@ def _cmd_fill_mask(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="measure decode tokens/s, time to first token and peak memory",
-                       description="Benchmark the edgelm runtime on an exported causal LM: decode tokens/s, time to "
-                                   "first token and peak RSS, median (min-max) over several runs.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "bench", help="measure tokens/s, time to first token and peak memory, beside transformers/optimum/genai",
+        description="Benchmark an exported causal LM: decode tokens/s, time to first token and peak RSS, each run in "
+                    "a fresh process, runs interleaved across systems, median (min-max). With --anchors, the same "
+                    "prompt also runs on transformers PyTorch and optimum's ORT model (float32 exports) and on "
+                    "onnxruntime-genai (a model its builder makes from the same checkpoint at the same precision).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", help="a folder made by `edgelm export`")
+    p.add_argument("--strategy", action="append", default=None,
+                   choices=["greedy", "sample", "sample_full_vocab", "beam4", "group4", "contrastive", "lookup",
+                            "assisted"],
+                   help="strategies to time (repeatable; default greedy). Anchors run greedy, sample and beam4")
+    p.add_argument("--anchors", action="store_true",
+                   help="also run transformers PyTorch, optimum ORTModelForCausalLM and onnxruntime-genai")
+    p.add_argument("--checkpoint", default=None,
+                   help="the transformers checkpoint the anchors load (default: the export's source)")
+    p.add_argument("--genai-python", default=None,
+                   help="Python of a venv with onnxruntime-genai (default: $EDGELM_GENAI_PYTHON or .venv-genai)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens")
+    p.add_argument("--prompt", default=None, help="a text prompt instead of --prompt-tokens pseudo-random ids")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (EOS is held off)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per strategy")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
-    p.add_argument("--provider", default="cpu", help="execution provider")
-    p.add_argument("--strategy", action="append", choices=["greedy", "sample", "beam4", "group4", "contrastive", "assisted", "lookup"], default=None,
-                   help="strategies to time (repeatable; default greedy)")
+    p.add_argument("--beam-new-tokens", type=int, default=64, help="tokens generated per beam/group run")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated new-token counts for a greedy length sweep, e.g. 64,128,256,512")
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs per system and strategy")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     p.add_argument("--assistant-model", default=None, help="draft model folder for --strategy assisted")
-    p.add_argument("--prompt", default=None, help="a text prompt instead of --prompt-tokens random token ids")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--reference", default=None,
+                   help="a float32 export of the same model: also report greedy agreement and perplexity against it")
+    p.add_argument("--out", default=None, help="folder for NAME.json, NAME.md and NAME.png (the plot)")
     p.set_defaults(func=_cmd_bench)
 
 
