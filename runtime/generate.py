@@ -84,11 +84,12 @@ def default_attention_mask(input_ids: np.ndarray, cfg: GenerationConfig) -> np.n
 
 
 def prepare_config(base: GenerationConfig, generation_config: GenerationConfig | None, prompt_length: int,
-                   max_positions: int | None, kwargs: dict[str, Any]) -> GenerationConfig:
+                   max_positions: int | None, kwargs: dict[str, Any], vocab_size: int | None = None) -> GenerationConfig:
     cfg = (generation_config or base).updated(**kwargs)
+    cfg.check_types(vocab_size)
     if cfg.pad_token_id is None and cfg.eos_ids:
         cfg.pad_token_id = cfg.eos_ids[0]
-    cfg.validate()
+    cfg.validate(vocab_size)
     user_set_max_length = "max_length" in kwargs or (generation_config is not None and generation_config.max_new_tokens is None)
     if cfg.max_new_tokens is not None:
         if "max_length" in kwargs and kwargs["max_length"] is not None:
@@ -117,7 +118,7 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
              streamer: Any = None, seed: int | None = None, generator: np.random.Generator | None = None,
              assistant_model: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
     ids = check_input_ids(input_ids, lm.vocab_size)
-    cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs)
+    cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs, lm.vocab_size)
     mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
             else default_attention_mask(ids, cfg))
     mode = cfg.generation_mode(assistant_model)
@@ -129,6 +130,10 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
         raise GenerationConfigError("streaming works with a single sequence (batch 1, num_beams=1, num_return_sequences=1)")
     if generator is not None and seed is not None:
         raise GenerationConfigError("pass either seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise GenerationConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if generator is not None and not isinstance(generator, np.random.Generator):
+        raise GenerationConfigError(f"generator must be a numpy.random.Generator, got {type(generator).__name__}")
     rng = generator if generator is not None else np.random.default_rng(seed)
     if mode in (modes.GREEDY, modes.SAMPLE) and cfg.num_return_sequences > 1:
         ids = np.repeat(ids, cfg.num_return_sequences, axis=0)

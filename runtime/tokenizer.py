@@ -122,6 +122,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"text must be a string, got {type(text).__name__}")
+        _check_unicode(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True, padding_side: str = "left",
@@ -131,6 +132,8 @@ class Tokenizer:
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("texts must be a string or a non-empty list of strings")
+        for text in texts:
+            _check_unicode(text)
         encs = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return self.pad([e.ids for e in encs], padding_side,
                         [e.type_ids for e in encs] if return_token_type_ids else None)
@@ -172,6 +175,16 @@ class Tokenizer:
             **{name: getattr(self, name) for name in SPECIAL_NAMES}, **kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _check_unicode(text: str) -> None:
+    """Lone surrogates (e.g. bytes decoded with surrogateescape) cannot be UTF-8 encoded, so no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"the text holds a character that is not valid Unicode ({text[exc.start]!r} at position {exc.start}); "
+            "decode raw bytes with errors='replace' before tokenizing") from None
 
 
 _TEMPLATES: dict[str, Any] = {}
