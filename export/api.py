@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def _special_ids(src: Any) -> tuple[list[int], int | None, int | None]:
     return eos, (int(pad) if pad is not None else None), (int(bos) if bos is not None else None)
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
 def export_model(
     source: str | Path,
     output_dir: str | Path,
@@ -79,6 +83,19 @@ def export_model(
     GroupQueryAttention fails in ONNX Runtime Mobile 1.24, the current React Native package), so
     mobile exports keep standard operators unless ``fuse=True`` is asked for.
     """
+    try:
+        return _export(source, output_dir, task, overwrite, opset, quantize, mobile, static_max_length, fuse, log)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise ExportError(
+                f"ran out of disk space while writing {output_dir} ({exc.strerror}); free some space or choose "
+                "another output folder: nothing was written") from None
+        raise
+
+
+def _export(source: str | Path, output_dir: str | Path, task: str | None, overwrite: bool, opset: int,
+            quantize: str | None, mobile: bool, static_max_length: int | None, fuse: bool | None,
+            log: Callable[[str], None]) -> Manifest:
     from edgelm.export.source import load_source
 
     output_dir = Path(output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,10 @@ from edgelm.runtime.tokenizer import Tokenizer
 
 
 class CausalLM:
+    """A loaded model. One instance serves several threads at once: ``generate`` keeps its state
+    per call (the session is thread-safe and each call binds its own inputs and cache), and the
+    only per-call result kept on the object, ``last_assisted_stats``, is per thread."""
+
     def __init__(self, model_dir: Path, manifest: Manifest, decoder: Decoder, tokenizer: Tokenizer,
                  generation_config: GenerationConfig):
         self.model_dir = model_dir
@@ -24,6 +29,16 @@ class CausalLM:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.generation_config = generation_config
+        self._local = threading.local()
+
+    @property
+    def last_assisted_stats(self) -> dict | None:
+        """Acceptance counts of this thread's last assisted/prompt-lookup ``generate`` (None before one)."""
+        return getattr(self._local, "assisted_stats", None)
+
+    @last_assisted_stats.setter
+    def last_assisted_stats(self, stats: dict | None) -> None:
+        self._local.assisted_stats = stats
 
     @classmethod
     def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
