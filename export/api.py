@@ -138,6 +138,13 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         if _consolidate(raw_dir, tmp, tie=not quantize):
             log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
+        graph_report = None
+        if fused_op:
+            from edgelm.export import graph
+
+            graph_report = graph.optimize_offline(tmp / MODEL_FILE)
+            log(f"      optimized offline: {graph_report['nodes_before']} -> {graph_report['nodes_after']} nodes "
+                "(onnxruntime extended level + SkipSimplifiedLayerNormalization)")
         log("[3/4] validating against PyTorch")
         from edgelm.export import validate
 
@@ -203,6 +210,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         )
         if quant_report:
             manifest.validation["quantization"] = quant_report
+        if graph_report:
+            manifest.validation["offline_optimization"] = graph_report
         if mobile_report:
             manifest.variants["ort"] = mobile_report["file"]
             manifest.validation["mobile"] = mobile_report

@@ -82,7 +82,8 @@ class CausalLMWrapper(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        self.positions["position_ids"] = position_ids
+        self.positions.clear()
+        self.positions.update(position_ids=position_ids, attention_mask=attention_mask)
         cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)))
         query_len = input_ids.shape[1]
         masks = attention_masks(attention_mask, query_len, self.windows, torch.float32)

@@ -10,6 +10,7 @@ PyTorch agree by construction) and whose ONNX symbolic is the fused pair:
 - ``RotaryEmbedding(q|k, position_ids, cos_cache, sin_cache)``: positions come from the graph's
   ``position_ids``, so left-padded batches rotate exactly like transformers (GroupQueryAttention's
   built-in rotary reads positions wrongly for padded batches in the prompt, measured).
+- q, k and v come from one MatMul over the concatenated weights (one kernel, quantized as one).
 - ``GroupQueryAttention(q, k, v, past, seqlens_k = total - 1, total, attention_bias)`` with our
   additive mask as the bias (padding, causality, sliding window), so the KV cache keeps
   optimum's layout: ``present = concat(past, new)`` with ``num_key_value_heads`` heads.
@@ -56,7 +57,8 @@ def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, q, k, v, past_k, past_v, bias, position_ids, cos_table, sin_table, cos, sin):
+    def forward(ctx, module, q, k, v, past_k, past_v, bias, position_ids, seqlens_k, total, cos_table, sin_table,
+                cos, sin):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
         batch, seq, _ = q.shape
@@ -71,7 +73,8 @@ class _FusedAttention(torch.autograd.Function):
         return out.reshape(batch, seq, -1), keys, values
 
     @staticmethod
-    def symbolic(g, module, q, k, v, past_k, past_v, bias, position_ids, cos_table, sin_table, cos, sin):
+    def symbolic(g, module, q, k, v, past_k, past_v, bias, position_ids, seqlens_k, total, cos_table, sin_table,
+                 cos, sin):
         from torch.onnx import symbolic_helper
 
         config = module.config
@@ -83,11 +86,6 @@ class _FusedAttention(torch.autograd.Function):
                  num_heads_i=kv_heads)
         q.setType(q_type)
         k.setType(k_type)
-        total = g.op("Cast", g.op("Gather", g.op("Shape", bias), g.op("Constant", value_t=torch.tensor(3)), axis_i=0),
-                     to_i=6)  # int32 scalar: past + new
-        last = g.op("Sub", total, g.op("Constant", value_t=torch.tensor(1, dtype=torch.int32)))
-        batch = g.op("Gather", g.op("Shape", q), g.op("Constant", value_t=torch.tensor([0])), axis_i=0)
-        seqlens_k = g.op("Expand", last, batch)
         none = symbolic_helper._optional_input_placeholder_tensor(g)
         out, keys, values = g.op(
             "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total, none, none, none, bias,
@@ -103,20 +101,46 @@ class _FusedAttention(torch.autograd.Function):
 def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Iterator[None]:
     """Swap every attention module's forward for the fused one while the block runs.
 
-    ``positions["position_ids"]`` must hold the graph's position_ids input when the model runs
-    (the attention modules only receive cos/sin, not the positions themselves).
+    ``positions`` must hold the graph's ``position_ids`` and 2D ``attention_mask`` when the model
+    runs (the attention modules only receive cos/sin and the 4D mask); the wrapper refills it
+    per call.
     """
     cos_table, sin_table = rotary_tables(model)
     originals: list[tuple[nn.Module, Any]] = []
 
+    def lengths() -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupQueryAttention's seqlens_k (batch,) = total - 1 and total (scalar), int32, once per graph:
+        every slot of the cache counts (padding is in the bias), so they follow the mask's width."""
+        if "seqlens_k" not in positions:
+            width = torch.ones_like(positions["attention_mask"], dtype=torch.int32).sum(dim=1, dtype=torch.int32)
+            positions["seqlens_k"] = width - 1
+            positions["total"] = width[0]
+        return positions["seqlens_k"], positions["total"]
+
     def make_forward(module: nn.Module):
+        # One MatMul for q, k and v (one quantized kernel instead of three), split after. The fused
+        # weight is a parameter of the module, for the time of the export, so that the exporter writes
+        # it as an initializer (which the quantizers rewrite), not as a Constant node (which they skip).
+        def param(tensors: list[torch.Tensor]) -> nn.Parameter:
+            return nn.Parameter(torch.cat(tensors).detach(), requires_grad=False)
+
+        module.register_parameter("edgelm_qkv_weight", param([module.q_proj.weight, module.k_proj.weight,
+                                                              module.v_proj.weight]))
+        biases = [p.bias for p in (module.q_proj, module.k_proj, module.v_proj)]
+        if all(b is not None for b in biases):
+            module.register_parameter("edgelm_qkv_bias", param(biases))
+        sizes = [module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features]
+
         def forward(hidden_states, position_embeddings, attention_mask, past_key_value=None, cache_position=None,
                     **kwargs):
             layer = past_key_value.layers[module.layer_idx]
             cos, sin = position_embeddings
+            qkv = nn.functional.linear(hidden_states, module.edgelm_qkv_weight, getattr(module, "edgelm_qkv_bias", None))
+            q, k, v = qkv.split(sizes, dim=-1)
+            seqlens_k, total = lengths()
             out, keys, values = _FusedAttention.apply(
-                module, module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
-                layer.keys, layer.values, attention_mask, positions["position_ids"], cos_table, sin_table, cos, sin)
+                module, q, k, v, layer.keys, layer.values, attention_mask, positions["position_ids"], seqlens_k, total,
+                cos_table, sin_table, cos, sin)
             layer.keys, layer.values = keys, values
             return module.o_proj(out), None
 
@@ -131,3 +155,5 @@ def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Ite
     finally:
         for module, forward in originals:
             module.forward = forward
+            for name in ("edgelm_qkv_weight", "edgelm_qkv_bias"):
+                module._parameters.pop(name, None)

@@ -3,6 +3,11 @@
 - Weights go to one external data file (``model.onnx.data``) once the model is large: onnxruntime
   then maps them instead of parsing a protobuf that holds them, which cuts peak memory at load
   by the size of the model (SmolLM2 fp32: 823 -> 704 MB peak RSS measured) and loads faster.
+- Fused (Llama-family) graphs are optimized offline: onnxruntime's own "extended" graph
+  optimizations (RMSNorm -> SimplifiedLayerNormalization, ...), then its transformers toolkit's
+  SkipSimplifiedLayerNormalization fusion (residual add + RMSNorm in one kernel), which the
+  runtime optimizer does not do. On SmolLM2 int4 this took decoding from 0.9x to 1.0x
+  onnxruntime-genai (measured, same run).
 - A tied embedding is stored once: the tracer writes the LM head's transposed weight as its own
   initializer beside the embedding table; the LM head becomes ``FusedMatMul(hidden, table,
   transB=1)`` over the embedding table itself. (Gathering from ``Transpose(lm_head)`` instead,
@@ -72,3 +77,33 @@ def share_tied_embedding(model: onnx.ModelProto) -> bool:
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         return True
     return False
+
+
+def optimize_offline(path: Path) -> dict[str, int]:
+    """Rewrite ``path`` in place with onnxruntime's extended optimizations and the Skip-RMSNorm fusion.
+
+    Returns the node count before and after. The rewrite stays portable across CPU and CUDA: the
+    extended level only produces contrib operators both providers implement (layout-specific
+    "all"-level transforms are left to the session at load time).
+    """
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSkipSimplifiedLayerNormalization
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    before = len(onnx.load(str(path), load_external_data=False).graph.node)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".opt-") as work:
+        optimized = Path(work) / "model.onnx"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(optimized)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = OnnxModel(onnx.load(str(optimized)))
+        FusionSkipSimplifiedLayerNormalization(model).apply()
+        model.prune_graph()
+        save(model.model, path)
+    return {"nodes_before": before, "nodes_after": len(model.model.graph.node)}

@@ -41,14 +41,26 @@ def quantize_model(src: Path, scheme: str) -> tuple["onnx.ModelProto", dict[str,
         raise ExportError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
     with tempfile.TemporaryDirectory(dir=src.parent, prefix=".quant-") as work:
         out = Path(work) / "model.onnx"
-        if scheme == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True)
-            method = "onnxruntime quantize_dynamic, MatMul weights, QInt8"
-        else:
-            method = _int4(src, out)
+        try:
+            method = _quantize(src, out, scheme)
+        except Exception as exc:  # onnxruntime's quantizers raise plain RuntimeError/ValueError
+            raise ExportError(f"{scheme} quantization failed in onnxruntime's quantizer: {exc}") from exc
         model = onnx.load(str(out), load_external_data=True)
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     return model, {"scheme": scheme, "method": method, "weight_bytes": weights}
+
+
+def _quantize(src: Path, out: Path, scheme: str) -> str:
+    if scheme == "int4":
+        return _int4(src, out)
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: shape inference cannot type the outputs of contrib operators
+    # (GroupQueryAttention, SkipSimplifiedLayerNormalization); they are all float32 here.
+    # per_channel: one scale per output column; q, k and v share one fused weight whose parts
+    # have different ranges, and a single per-tensor scale loses the smaller ones.
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, use_external_data_format=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return "onnxruntime quantize_dynamic, MatMul weights, QInt8 per output channel"

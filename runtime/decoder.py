@@ -57,6 +57,8 @@ class Decoder:
         self.has_hidden = "last_hidden_state" in self.output_names
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._cache_device = ort.OrtDevice.make(self.device, 0)._get_c_device()
         vocab_dim = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
         if isinstance(vocab_dim, int) and manifest.vocab_size and vocab_dim != manifest.vocab_size:
             raise ModelLoadError(
@@ -82,21 +84,26 @@ class Decoder:
             return (np.concatenate([o[0] for o in outs], axis=1),
                     np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        raw = binding._iobinding  # C-level binding: see kv_cache's docstring for why
+        # The bound values wrap these arrays' memory: they must stay referenced until the run is over.
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        raw.bind_input("input_ids", ids)
+        raw.bind_input("attention_mask", mask)
         if self.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+            positions = np.ascontiguousarray(position_ids, dtype=np.int64)
+            raw.bind_input("position_ids", positions)
         cache.bind(binding)
-        binding.bind_output("logits", "cpu")
+        raw.bind_output("logits", self._cpu)
         if want_hidden:
-            binding.bind_output("last_hidden_state", "cpu")
+            raw.bind_output("last_hidden_state", self._cpu)
         for name in self.present_names:
-            binding.bind_output(name, self.device)
+            raw.bind_output(name, self._cache_device)
         self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
+        outs = raw.get_outputs()
         logits = outs[0].numpy()
         hidden = outs[1].numpy() if want_hidden else None
-        cache.replace(list(outs[2 if want_hidden else 1:]))
+        cache.replace([outs[i] for i in range(2 if want_hidden else 1, len(outs))])
         return logits, hidden
 
 
@@ -149,10 +156,10 @@ class StaticDecoder(Decoder):
             for name in self.present_names:
                 binding.bind_output(name, self.device)
             self.session.run_with_iobinding(binding)
-            outs = binding.get_outputs()
+            outs = binding._iobinding.get_outputs()
             logits.append(outs[0].numpy())
             if want_hidden:
                 hidden.append(outs[1].numpy())
-            cache.replace(list(outs[2 if want_hidden else 1:]))
+            cache.replace([outs[i] for i in range(2 if want_hidden else 1, len(outs))])
             cache.length += 1
         return np.concatenate(logits, axis=1), (np.concatenate(hidden, axis=1) if want_hidden else None)

@@ -4,6 +4,10 @@ The graph returns ``present = concat(past, new)``; handing that OrtValue straigh
 the next step's ``past`` means Python never copies or converts the cache (on CUDA it never
 leaves the GPU). Only reordering rows (beams) and cropping (assisted decoding) touch the
 data, and only when they are asked for.
+
+The values are onnxruntime's C-level OrtValues (``OrtValue._ortvalue``), bound straight into
+the C-level IOBinding: the Python wrappers re-validate and re-wrap 2 x layers values per
+step, a third of the Python time of a step on a 30-layer model (measured).
 """
 
 from __future__ import annotations
@@ -14,10 +18,23 @@ import numpy as np
 import onnxruntime as ort
 
 
+def owned(arr: np.ndarray, device: str = "cpu", device_id: int = 0):
+    """A C-level OrtValue holding a copy of ``arr`` in memory onnxruntime owns.
+
+    ``OrtValue.ortvalue_from_numpy`` wraps the numpy buffer without copying and keeps it alive
+    through the Python wrapper only; the C-level value must not outlive the wrapper's array.
+    """
+    arr = np.ascontiguousarray(arr)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), arr.dtype, device, device_id)
+    if arr.size:
+        value.update_inplace(arr)
+    return value._ortvalue
+
+
 class KVCache:
     """Past keys and values of every layer for a batch of rows."""
 
-    def __init__(self, names: Sequence[str], values: list[ort.OrtValue], device: str = "cpu", device_id: int = 0):
+    def __init__(self, names: Sequence[str], values: list, device: str = "cpu", device_id: int = 0):
         self.names = list(names)
         self.values = values
         self.device = device
@@ -27,11 +44,7 @@ class KVCache:
     def empty(cls, names: Sequence[str], batch: int, num_kv_heads: int, head_dim: int, dtype=np.float32,
               device: str = "cpu", device_id: int = 0) -> "KVCache":
         shape = [batch, num_kv_heads, 0, head_dim]
-        if device == "cpu":
-            make = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))  # noqa: E731
-        else:
-            make = lambda: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)  # noqa: E731
-        return cls(names, [make() for _ in names], device, device_id)
+        return cls(names, [owned(np.zeros(shape, dtype=dtype), device, device_id) for _ in names], device, device_id)
 
     @property
     def length(self) -> int:
@@ -42,18 +55,19 @@ class KVCache:
         return int(self.values[0].shape()[0]) if self.values else 0
 
     def bind(self, binding: ort.IOBinding) -> None:
+        raw = binding._iobinding
         for name, value in zip(self.names, self.values):
-            binding.bind_ortvalue_input(name, value)
+            raw.bind_ortvalue_input(name, value)
 
-    def replace(self, presents: list[ort.OrtValue]) -> None:
-        """Adopt the graph's presents as the next past (no copy)."""
+    def replace(self, presents: list) -> None:
+        """Adopt the graph's presents (C-level OrtValues) as the next past (no copy)."""
         self.values = presents
 
     def _map(self, fn) -> None:
         out = []
         for v in self.values:
             arr = np.ascontiguousarray(fn(v.numpy()))
-            out.append(ort.OrtValue.ortvalue_from_numpy(arr, self.device, self.device_id))
+            out.append(owned(arr, self.device, self.device_id))
         self.values = out
 
     def reorder(self, rows: np.ndarray) -> None:
@@ -85,8 +99,7 @@ class StaticKVCache:
                  dtype=np.float32):
         self.names = list(names)
         self.capacity = capacity
-        self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, num_kv_heads, capacity, head_dim), dtype))
-                       for _ in names]
+        self.values = [owned(np.zeros((batch, num_kv_heads, capacity, head_dim), dtype)) for _ in names]
         self.length = 0
         self.mask = np.zeros((batch, capacity), dtype=np.int64)
         """Which slots hold real tokens (the graph's attention_mask over the whole buffer)."""
@@ -96,10 +109,11 @@ class StaticKVCache:
         return int(self.mask.shape[0])
 
     def bind(self, binding: ort.IOBinding) -> None:
+        raw = binding._iobinding
         for name, value in zip(self.names, self.values):
-            binding.bind_ortvalue_input(name, value)
+            raw.bind_ortvalue_input(name, value)
 
-    def replace(self, presents: list[ort.OrtValue]) -> None:
+    def replace(self, presents: list) -> None:
         self.values = presents
 
     def crop(self, length: int) -> None:
@@ -113,7 +127,7 @@ class StaticKVCache:
             raise ValueError("a static cache cannot change its batch size")
         if np.array_equal(rows, np.arange(self.batch)):
             return
-        self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in self.values]
+        self.values = [owned(v.numpy()[rows]) for v in self.values]
         self.mask = self.mask[rows]
 
     def numpy(self) -> list[np.ndarray]:
