@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
-from edgelm.runtime.kv_cache import KVCache, StaticKVCache
+from edgelm.runtime.kv_cache import KVCache, SharedKVCache, StaticKVCache
 from edgelm.runtime.manifest import Manifest
 from edgelm.runtime.session import ProviderSpec, create_session
 
@@ -54,6 +55,9 @@ class Decoder:
         self.has_position_ids = "position_ids" in self.input_names
         self.static = False
         self.one_row_chunks = manifest.attention == "GroupQueryAttention"
+        self.shared_buffer = self.one_row_chunks and os.environ.get("EDGELM_KV_SHARED_BUFFER", "1") != "0"
+        """Fused graphs run with past and present in one buffer (SharedKVCache); EDGELM_KV_SHARED_BUFFER=0 turns
+        it off (the graph is the same either way), e.g. to compare the two in a benchmark."""
         self.has_hidden = "last_hidden_state" in self.output_names
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -64,7 +68,11 @@ class Decoder:
             raise ModelLoadError(
                 f"the manifest's vocab_size ({manifest.vocab_size}) disagrees with the graph's logits ({vocab_dim}); re-export")
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
+        """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""
+        if self.shared_buffer:
+            return SharedKVCache(self.past_names, self.present_names, batch, self.num_kv_heads, self.head_dim,
+                                 capacity, self.device)
         return KVCache.empty(self.past_names, batch, self.num_kv_heads, self.head_dim, device=self.device)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
@@ -93,17 +101,16 @@ class Decoder:
         if self.has_position_ids:
             positions = np.ascontiguousarray(position_ids, dtype=np.int64)
             raw.bind_input("position_ids", positions)
-        cache.bind(binding)
         raw.bind_output("logits", self._cpu)
         if want_hidden:
             raw.bind_output("last_hidden_state", self._cpu)
-        for name in self.present_names:
-            raw.bind_output(name, self._cache_device)
+        cache.bind(binding, self.present_names, self._cache_device, new)
         self.session.run_with_iobinding(binding)
         outs = raw.get_outputs()
         logits = outs[0].numpy()
         hidden = outs[1].numpy() if want_hidden else None
-        cache.replace([outs[i] for i in range(2 if want_hidden else 1, len(outs))])
+        first = 2 if want_hidden else 1
+        cache.adopt([outs[i] for i in range(first, len(outs))], new)
         return logits, hidden
 
 

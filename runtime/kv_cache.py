@@ -54,14 +54,27 @@ class KVCache:
     def batch(self) -> int:
         return int(self.values[0].shape()[0]) if self.values else 0
 
-    def bind(self, binding: ort.IOBinding) -> None:
+    def bind(self, binding: ort.IOBinding, present_names: Sequence[str] = (), device: object = None,
+             new: int = 0) -> None:
+        """Bind the past; presents are bound to ``device`` for onnxruntime to allocate (concat grows them)."""
         raw = binding._iobinding
         for name, value in zip(self.names, self.values):
             raw.bind_ortvalue_input(name, value)
+        for name in present_names:
+            raw.bind_output(name, device)
+
+    def adopt(self, outputs: list, new: int) -> None:
+        """Take the graph's presents (C-level OrtValues) as the next past: no copy."""
+        self.values = outputs
 
     def replace(self, presents: list) -> None:
-        """Adopt the graph's presents (C-level OrtValues) as the next past (no copy)."""
         self.values = presents
+
+    def gathered(self, rows: np.ndarray) -> "KVCache":
+        """A new cache holding ``rows`` of this one (contrastive search's candidates)."""
+        out = KVCache(self.names, list(self.values), self.device, self.device_id)
+        out._map(lambda a: a[np.asarray(rows)])
+        return out
 
     def _map(self, fn) -> None:
         out = []
@@ -85,6 +98,77 @@ class KVCache:
 
     def numpy(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.values]
+
+
+class SharedKVCache:
+    """Past and present in one buffer, for graphs with GroupQueryAttention (``edgelm export`` fused graphs).
+
+    GroupQueryAttention writes the new keys/values in place when the present output is bound to
+    the past input's buffer, and reads only ``total_sequence_length`` slots of it, which the
+    graph takes from the attention mask's width. So nothing is concatenated or copied per step:
+    the step's cost no longer grows with the length (the concat copied the whole cache every
+    step), and cropping is free. Buffers grow (doubling, one copy) when a step would overflow.
+    """
+
+    def __init__(self, names: Sequence[str], present_names: Sequence[str], batch: int, num_kv_heads: int,
+                 head_dim: int, capacity: int = 256, device: str = "cpu", device_id: int = 0,
+                 dtype=np.float32, values: list | None = None, length: int = 0):
+        self.names = list(names)
+        self.present_names = list(present_names)
+        self.shape = (batch, num_kv_heads, head_dim)
+        self.device, self.device_id, self.dtype = device, device_id, dtype
+        self.capacity = capacity
+        self.values = values if values is not None else [self._zeros(capacity) for _ in names]
+        self.length = length
+
+    def _zeros(self, capacity: int):
+        b, h, d = self.shape
+        return owned(np.zeros((b, h, capacity, d), self.dtype), self.device, self.device_id)
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        grown = []
+        for v in self.values:
+            buf = np.zeros((*self.shape[:2], capacity, self.shape[2]), self.dtype)
+            buf[:, :, : self.length] = v.numpy()[:, :, : self.length]
+            grown.append(owned(buf, self.device, self.device_id))
+        self.values, self.capacity = grown, capacity
+
+    def bind(self, binding: ort.IOBinding, present_names: Sequence[str] = (), device: object = None,
+             new: int = 0) -> None:
+        if self.length + new > self.capacity:
+            self._grow(self.length + new)
+        raw = binding._iobinding
+        for name, present, value in zip(self.names, self.present_names, self.values):
+            raw.bind_ortvalue_input(name, value)
+            raw.bind_ortvalue_output(present, value)
+
+    def adopt(self, outputs: list, new: int) -> None:
+        self.length += new  # the graph wrote the new slots in place
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        if rows.shape[0] == self.batch and np.array_equal(rows, np.arange(self.batch)):
+            return
+        self.values = [owned(v.numpy()[rows], self.device, self.device_id) for v in self.values]
+        self.shape = (int(rows.shape[0]), *self.shape[1:])
+
+    def gathered(self, rows: np.ndarray) -> "SharedKVCache":
+        """A new cache with its own buffers holding ``rows`` (the graph writes in place: never share them)."""
+        rows = np.asarray(rows)
+        values = [owned(v.numpy()[rows], self.device, self.device_id) for v in self.values]
+        return SharedKVCache(self.names, self.present_names, int(rows.shape[0]), *self.shape[1:], self.capacity,
+                             self.device, self.device_id, self.dtype, values, self.length)
+
+    def numpy(self) -> list[np.ndarray]:
+        return [v.numpy()[:, :, : self.length] for v in self.values]
 
 
 class StaticKVCache:

@@ -76,3 +76,37 @@ def test_smollm2_export_layout(exported):
     assert abs(data - 4 * params) < 0.01 * 4 * params
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert any(n.op_type == "FusedMatMul" and "logits" in n.output for n in model.graph.node)
+
+
+def test_shared_buffer_cache_equals_concatenation(exported):
+    """Past and present in one buffer (written in place) give the logits of present = concat(past, new),
+    including when the buffer has to grow, after a crop, and after a beam reorder."""
+    from edgelm.runtime.kv_cache import KVCache, SharedKVCache
+
+    shared = CausalLM.load(exported("tiny-llama")).decoder
+    concat = CausalLM.load(exported("tiny-llama")).decoder
+    concat.shared_buffer = False
+    assert shared.shared_buffer
+    ids, mask = left_pad([[5, 17, 99, 3], [42, 7, 8]], pad=0)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    a, b = shared.new_cache(2, capacity=5), concat.new_cache(2)
+    assert isinstance(a, SharedKVCache) and isinstance(b, KVCache)
+    np.testing.assert_allclose(shared.step(ids, mask, pos, a)[0], concat.step(ids, mask, pos, b)[0], atol=1e-5)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        tok = rng.integers(3, 300, size=(2, 1))
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        pos = pos[:, -1:] + 1
+        la, lb = shared.step(tok, mask, pos, a)[0], concat.step(tok, mask, pos, b)[0]
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        if step == 5:
+            for cache in (a, b):
+                cache.crop(cache.length - 2)
+            mask, pos = mask[:, :-2], pos - 2
+        if step == 8:
+            for cache in (a, b):
+                cache.reorder(np.array([1, 1]))
+            mask, pos = mask[[1, 1]], pos[[1, 1]]
+    assert a.length == b.length and a.capacity >= a.length > 5
+    for x, y in zip(a.numpy(), b.numpy()):
+        np.testing.assert_allclose(x, y, atol=1e-5)

@@ -134,3 +134,29 @@ def test_quantized_mobile_static_variant(scheme, op, exported):
     ref = CausalLM.load(folder).generate(ids, max_new_tokens=20, do_sample=False)
     np.testing.assert_array_equal(out, ref)
     assert out.shape == (1, np.asarray(ids).shape[-1] + 20)
+
+
+def test_provider_options_reach_onnxruntime_or_fall_back(exported):
+    """(name, options) specs: options go to the provider; a missing provider warns with its package, then CPU runs."""
+    from edgelm.runtime.session import resolve_providers
+
+    assert resolve_providers(("cpu", {"arena_extend_strategy": "kSameAsRequested"})) == [
+        ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+    with pytest.warns(RuntimeWarning, match="XnnpackExecutionProvider.*onnxruntime-android"):
+        lm = CausalLM.load(exported("tiny-llama"), provider=[("xnnpack", {"intra_op_num_threads": "1"}), "cpu"])
+    assert lm.decoder.providers == ["CPUExecutionProvider"]
+    for name in ("nnapi", "coreml", "qnn"):
+        with pytest.warns(RuntimeWarning, match="Falling back to CPU"):
+            assert resolve_providers(name) == [("CPUExecutionProvider", {})]
+
+
+def test_cli_provider_options(exported):
+    folder = exported("tiny-llama")
+    ok = subprocess.run([sys.executable, "-m", "edgelm.cli", "generate", str(folder), "hello", "--max-new-tokens", "3",
+                         "--provider", "cpu", "--provider-option", "arena_extend_strategy=kSameAsRequested", "--json"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["new_ids"][0]) == 3
+    bad = subprocess.run([sys.executable, "-m", "edgelm.cli", "generate", str(folder), "hello", "--provider-option",
+                          "novalue"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

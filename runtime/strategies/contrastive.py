@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.runtime.kv_cache import KVCache
 from edgelm.runtime.processors import LogitsProcessorList, softmax
 from edgelm.runtime.state import DecodeState
 from edgelm.runtime.stopping import StoppingCriteriaList
@@ -57,8 +56,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         top_probs = np.take_along_axis(probs, top_ids, axis=1)
 
         # one forward pass over all candidates, on the cache repeated top_k times
-        cand = KVCache(state.cache.names, list(state.cache.values), state.cache.device, state.cache.device_id)
-        cand.reorder(expand)
+        cand = state.cache.gathered(expand)
         mask = np.concatenate([state.attention_mask, np.ones((batch, 1), np.int64)], axis=1)[expand]
         pos = state.next_positions()[expand]
         cand_logits, cand_hidden = decoder.step(top_ids.reshape(-1, 1), mask, pos, cand, want_hidden=True)
@@ -70,8 +68,8 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         selected = score.argmax(axis=-1)
 
         next_tokens = top_ids[rows, selected]
-        state.cache.replace(cand.values)
-        state.cache.reorder(rows * top_k + selected)
+        cand.reorder(rows * top_k + selected)
+        state.cache = cand
         context[:, n_ctx] = next_norm[rows, selected]
         n_ctx += 1
         logits = cand_logits[rows * top_k + selected, -1, :].astype(np.float32)

@@ -12,11 +12,23 @@ from edgelm.runtime.stopping import StoppingCriteriaList
 
 
 def sample_token(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row from ``probs`` (rows, vocab) by inverse CDF: O(vocab), no sort."""
-    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
-    u = rng.random(probs.shape[0]) * cdf[:, -1]
-    picks = (cdf < u[:, None]).sum(axis=-1)
-    return np.minimum(picks, probs.shape[-1] - 1).astype(np.int64)
+    """One draw per row from ``probs`` (rows, vocab) by inverse CDF: O(vocab), no sort.
+
+    After top-k/top-p most probabilities are exactly zero; the CDF is then built over the
+    non-zero entries only (adding zeros changes no partial sum, so the draw is the same).
+    """
+    rows, vocab = probs.shape
+    u = rng.random(rows)
+    picks = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        p = probs[r]
+        nz = np.flatnonzero(p)
+        if nz.size == 0:
+            picks[r] = vocab - 1
+            continue
+        cdf = np.cumsum(p[nz], dtype=np.float64)
+        picks[r] = nz[min(int(np.searchsorted(cdf, u[r] * cdf[-1], side="left")), nz.size - 1)]
+    return picks
 
 
 def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping: StoppingCriteriaList,
