@@ -109,8 +109,7 @@ class Decoder:
         outs = raw.get_outputs()
         logits = outs[0].numpy()
         hidden = outs[1].numpy() if want_hidden else None
-        first = 2 if want_hidden else 1
-        cache.adopt([outs[i] for i in range(first, len(outs))], new)
+        cache.adopt(outs, 2 if want_hidden else 1, new)
         return logits, hidden
 
 

@@ -63,9 +63,9 @@ class KVCache:
         for name in present_names:
             raw.bind_output(name, device)
 
-    def adopt(self, outputs: list, new: int) -> None:
-        """Take the graph's presents (C-level OrtValues) as the next past: no copy."""
-        self.values = outputs
+    def adopt(self, outputs, first: int, new: int) -> None:
+        """Take the graph's presents (C-level OrtValues, ``outputs[first:]``) as the next past: no copy."""
+        self.values = [outputs[i] for i in range(first, len(outputs))]
 
     def replace(self, presents: list) -> None:
         self.values = presents
@@ -147,8 +147,8 @@ class SharedKVCache:
             raw.bind_ortvalue_input(name, value)
             raw.bind_ortvalue_output(present, value)
 
-    def adopt(self, outputs: list, new: int) -> None:
-        self.length += new  # the graph wrote the new slots in place
+    def adopt(self, outputs, first: int, new: int) -> None:
+        self.length += new  # the graph wrote the new slots in place: nothing to take
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)

@@ -35,7 +35,10 @@ class EosTokenCriteria(StoppingCriteria):
         self.eos = np.asarray(list(eos_token_id), dtype=np.int64)
 
     def __call__(self, input_ids, scores):
-        return np.isin(input_ids[:, -1], self.eos)
+        last = input_ids[:, -1]
+        if self.eos.size == 1:  # the common case, without np.isin's set machinery (it runs every step)
+            return last == self.eos[0]
+        return (last[:, None] == self.eos[None, :]).any(axis=1)
 
 
 class StopStringCriteria(StoppingCriteria):
