@@ -89,9 +89,9 @@ class TopPLogitsWarper(LogitsProcessor):
 
     transformers sorts the whole vocabulary ascending and drops the prefix whose cumulative
     probability is <= 1 - top_p. Equivalently we keep, in descending order, the tokens until
-    the mass *before* a token reaches top_p. We first take the top 256 by ``argpartition``
-    (O(vocab)) and fall back to a full sort only in the rare case that they hold less than
-    top_p of the mass.
+    the mass *before* a token reaches top_p. A cheap pre-filter (tokens within 1e-4 of the most
+    likely one) bounds the work; inside it the top 256 are taken by ``argpartition`` and the set
+    grows only when it holds less than top_p of the mass.
     """
 
     def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
@@ -107,14 +107,20 @@ class TopPLogitsWarper(LogitsProcessor):
         out = np.full_like(scores, NEG_INF)
         for r in range(rows):
             p = probs[r]
-            cand = min(vocab, 256)
+            # Pre-filter with one vectorised compare (tokens within 1e-4 of the most likely one),
+            # then partition and sort only inside it, growing the sorted set until it holds more
+            # than top_p; the whole vocabulary is the fallback.
+            pool = np.flatnonzero(p >= p.max() * 1e-4)
+            if p[pool].sum(dtype=np.float32) <= self.top_p:
+                pool = np.arange(vocab)
+            cand = min(pool.size, 256)
             while True:
-                idx = np.argpartition(-p, cand - 1)[:cand] if cand < vocab else np.arange(vocab)
-                order = idx[np.argsort(-p[idx], kind="stable")]
+                sub = pool[np.argpartition(-p[pool], cand - 1)[:cand]] if cand < pool.size else pool
+                order = sub[np.argsort(-p[sub], kind="stable")]
                 total = p[order].sum(dtype=np.float32)
-                if total > self.top_p or cand >= vocab:
+                if total > self.top_p or cand >= pool.size:
                     break
-                cand = min(vocab, cand * 4)
+                cand = min(pool.size, cand * 4)
             # transformers: remove ascending-sorted tokens with cumsum <= 1 - top_p.
             # The cumulative sum from the top (descending) before token i is 1 - cumsum_asc(i).
             # Compute ascending cumsum the way transformers does, over the full vocabulary's tail mass.
