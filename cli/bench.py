@@ -324,8 +324,9 @@ def plot(results: dict, path: Path) -> Path | None:
             ax2.plot(*zip(*pts), marker="o", label=system)
     ax2.set_xlabel("new tokens")
     ax2.set_ylabel("greedy decode tokens/s")
-    ax2.set_title("tokens/s against length")
-    ax2.legend()
+    ax2.set_title("tokens/s against length" if ax2.lines else "tokens/s against length (not measured: --lengths)")
+    if ax2.lines:
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
