@@ -67,6 +67,24 @@ def attention_masks(attention_mask: torch.Tensor, query_len: int, windows: list[
     return out
 
 
+def mask_argument(config: Any, masks: dict) -> Any:
+    """What transformers' decoder takes as ``attention_mask``: one 4D mask, or one per layer type."""
+    if not getattr(config, "layer_types", None):
+        return next(iter(masks.values()))
+    arg = {"full_attention": masks.get(None, next(iter(masks.values())))}
+    windowed = [w for w in masks if w is not None]
+    if windowed:
+        arg["sliding_attention"] = masks[windowed[0]]
+    return arg
+
+
+def lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the final hidden state, with the final soft-capping of the models that have one (Gemma)."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 class CausalLMWrapper(nn.Module):
     """Flat tensors in and out, in optimum's names, around a transformers causal LM."""
 
@@ -75,7 +93,6 @@ class CausalLMWrapper(nn.Module):
         self.model = model
         self.layout = layout
         self.windows = layer_windows(model.config)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.positions: dict[str, torch.Tensor] = {}
         """The current call's position_ids, for fused attention (which cannot get them from transformers)."""
 
@@ -86,15 +103,8 @@ class CausalLMWrapper(nn.Module):
         self.positions.update(position_ids=position_ids, attention_mask=attention_mask)
         cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)))
         query_len = input_ids.shape[1]
-        masks = attention_masks(attention_mask, query_len, self.windows, torch.float32)
-        config = self.model.config
-        if getattr(config, "layer_types", None):
-            mask_arg = {"full_attention": masks.get(None, next(iter(masks.values())))}
-            windowed = [w for w in masks if w is not None]
-            if windowed:
-                mask_arg["sliding_attention"] = masks[windowed[0]]
-        else:
-            mask_arg = next(iter(masks.values()))
+        mask_arg = mask_argument(self.model.config,
+                                 attention_masks(attention_mask, query_len, self.windows, torch.float32))
         total = attention_mask.shape[1]
         cache_position = torch.arange(total - query_len, total, device=input_ids.device)
         out = decoder_of(self.model)(
@@ -102,9 +112,7 @@ class CausalLMWrapper(nn.Module):
             past_key_values=cache, use_cache=True, cache_position=cache_position,
         )
         hidden = out.last_hidden_state
-        logits = self.model.get_output_embeddings()(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = lm_head(self.model, hidden)
         presents = []
         for layer in out.past_key_values.layers:
             presents += [layer.keys, layer.values]

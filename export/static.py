@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgelm.export.causal import KVLayout, decoder_of, layer_windows, probe_layout
+from edgelm.export.causal import KVLayout, decoder_of, layer_windows, lm_head, mask_argument, probe_layout
 
 
 def _slot_layer(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
@@ -62,7 +62,6 @@ class StaticCausalLMWrapper(nn.Module):
         self.model = model
         self.layout = layout
         self.windows = layer_windows(model.config)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids, attention_mask, position_ids, cache_position, *past):
         from transformers import DynamicCache
@@ -71,22 +70,13 @@ class StaticCausalLMWrapper(nn.Module):
         slot = (torch.arange(length) == cache_position)[None, None, :, None]
         cache = DynamicCache()
         cache.layers = [_slot_layer(past[2 * i], past[2 * i + 1], slot) for i in range(len(past) // 2)]
-        masks = static_masks(attention_mask, cache_position, self.windows)
-        if getattr(self.model.config, "layer_types", None):
-            mask_arg = {"full_attention": masks.get(None, next(iter(masks.values())))}
-            windowed = [w for w in masks if w is not None]
-            if windowed:
-                mask_arg["sliding_attention"] = masks[windowed[0]]
-        else:
-            mask_arg = next(iter(masks.values()))
+        mask_arg = mask_argument(self.model.config, static_masks(attention_mask, cache_position, self.windows))
         out = decoder_of(self.model)(
             input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids,
             past_key_values=cache, use_cache=True, cache_position=cache_position,
         )
         hidden = out.last_hidden_state
-        logits = self.model.get_output_embeddings()(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = lm_head(self.model, hidden)
         presents = []
         for layer in cache.layers:
             presents += [layer.keys, layer.values]
