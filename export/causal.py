@@ -85,6 +85,18 @@ def lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
+def run_decoder(model: nn.Module, input_ids, mask_arg, position_ids, cache, cache_position) -> tuple:
+    """One traced forward: (logits, last_hidden_state, present.0.key, present.0.value, ...)."""
+    out = decoder_of(model)(
+        input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids,
+        past_key_values=cache, use_cache=True, cache_position=cache_position,
+    )
+    presents = []
+    for layer in cache.layers:
+        presents += [layer.keys, layer.values]
+    return (lm_head(model, out.last_hidden_state), out.last_hidden_state, *presents)
+
+
 class CausalLMWrapper(nn.Module):
     """Flat tensors in and out, in optimum's names, around a transformers causal LM."""
 
@@ -107,16 +119,7 @@ class CausalLMWrapper(nn.Module):
                                  attention_masks(attention_mask, query_len, self.windows, torch.float32))
         total = attention_mask.shape[1]
         cache_position = torch.arange(total - query_len, total, device=input_ids.device)
-        out = decoder_of(self.model)(
-            input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, cache_position=cache_position,
-        )
-        hidden = out.last_hidden_state
-        logits = lm_head(self.model, hidden)
-        presents = []
-        for layer in out.past_key_values.layers:
-            presents += [layer.keys, layer.values]
-        return (logits, hidden, *presents)
+        return run_decoder(self.model, input_ids, mask_arg, position_ids, cache, cache_position)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

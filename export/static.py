@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgelm.export.causal import KVLayout, decoder_of, layer_windows, lm_head, mask_argument, probe_layout
+from edgelm.export.causal import KVLayout, layer_windows, mask_argument, probe_layout, run_decoder
 
 
 def _slot_layer(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
@@ -71,16 +71,7 @@ class StaticCausalLMWrapper(nn.Module):
         cache = DynamicCache()
         cache.layers = [_slot_layer(past[2 * i], past[2 * i + 1], slot) for i in range(len(past) // 2)]
         mask_arg = mask_argument(self.model.config, static_masks(attention_mask, cache_position, self.windows))
-        out = decoder_of(self.model)(
-            input_ids=input_ids, attention_mask=mask_arg, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, cache_position=cache_position,
-        )
-        hidden = out.last_hidden_state
-        logits = lm_head(self.model, hidden)
-        presents = []
-        for layer in cache.layers:
-            presents += [layer.keys, layer.values]
-        return (logits, hidden, *presents)
+        return run_decoder(self.model, input_ids, mask_arg, position_ids, cache, cache_position)
 
 
 def export_static(model: nn.Module, onnx_path: Path, max_length: int, batch: int = 1,
