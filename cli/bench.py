@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def _genai_model(python: str, checkpoint: Path, precision: str, log: Log) -> Pat
             _run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),
                   "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")],
                  f"the onnxruntime-genai {precision} model (onnxruntime_genai.models.builder)", log)
-            (tmp / ".cache").exists() and subprocess.run(["rm", "-rf", str(tmp / ".cache")])
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return out
 
 

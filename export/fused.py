@@ -9,7 +9,8 @@ PyTorch agree by construction) and whose ONNX symbolic is the fused pair:
 
 - ``RotaryEmbedding(q|k, position_ids, cos_cache, sin_cache)``: positions come from the graph's
   ``position_ids``, so left-padded batches rotate exactly like transformers (GroupQueryAttention's
-  built-in rotary reads positions wrongly for padded batches in the prompt, measured).
+  built-in rotary reads positions wrongly for padded batches in the prompt: seen with a standalone
+  GroupQueryAttention graph in onnxruntime 1.32, and covered by the padded-batch parity tests).
 - q, k and v come from one MatMul over the concatenated weights (one kernel, quantized as one).
 - ``GroupQueryAttention(q, k, v, past, seqlens_k = total - 1, total, attention_bias)`` with our
   additive mask as the bias (padding, causality, sliding window), so the KV cache keeps

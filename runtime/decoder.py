@@ -91,16 +91,20 @@ class Decoder:
                               cache, want_hidden) for t in range(new)]
             return (np.concatenate([o[0] for o in outs], axis=1),
                     np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None)
-        binding = self.session.io_binding()
-        raw = binding._iobinding  # C-level binding: see kv_cache's docstring for why
-        # The bound values wrap these arrays' memory: they must stay referenced until the run is over.
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        raw.bind_input("input_ids", ids)
-        raw.bind_input("attention_mask", mask)
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
-            positions = np.ascontiguousarray(position_ids, dtype=np.int64)
-            raw.bind_input("position_ids", positions)
+            feeds["position_ids"] = position_ids
+        return self._run(feeds, cache, want_hidden, new)
+
+    def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """One session run through the C-level IOBinding (see kv_cache's docstring for why); the cache binds
+        its own past and presents and takes the outputs back."""
+        binding = self.session.io_binding()
+        raw = binding._iobinding
+        # The bound values wrap these arrays' memory: they must stay referenced until the run is over.
+        arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in feeds.items()}
+        for name, value in arrays.items():
+            raw.bind_input(name, value)
         raw.bind_output("logits", self._cpu)
         if want_hidden:
             raw.bind_output("last_hidden_state", self._cpu)
@@ -132,7 +136,8 @@ class StaticDecoder(Decoder):
                 f"the manifest says a static cache of {self.capacity} but the graph's attention_mask is {mask.shape}; "
                 "the folder mixes files of different exports: re-export it")
 
-    def new_cache(self, batch: int) -> StaticKVCache:
+    def new_cache(self, batch: int, capacity: int | None = None) -> StaticKVCache:
+        """The exported buffer; ``capacity`` is fixed by the export, so the argument is ignored."""
         if batch != self.static_batch:
             raise UnsupportedError(
                 f"this static-shape model was exported for batch {self.static_batch}, not {batch} (beam search, "
@@ -150,22 +155,10 @@ class StaticDecoder(Decoder):
         for t in range(new):
             slot = cache.length
             cache.mask[:, slot] = attention_mask[:, slot]
-            binding = self.session.io_binding()
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids[:, t: t + 1], dtype=np.int64))
-            binding.bind_cpu_input("attention_mask", cache.mask)
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids[:, t: t + 1], dtype=np.int64))
-            binding.bind_cpu_input("cache_position", np.array([slot], dtype=np.int64))
-            cache.bind(binding)
-            binding.bind_output("logits", "cpu")
+            feeds = {"input_ids": input_ids[:, t: t + 1], "attention_mask": cache.mask,
+                     "position_ids": position_ids[:, t: t + 1], "cache_position": np.array([slot])}
+            step_logits, step_hidden = self._run(feeds, cache, want_hidden, 1)
+            logits.append(step_logits)
             if want_hidden:
-                binding.bind_output("last_hidden_state", "cpu")
-            for name in self.present_names:
-                binding.bind_output(name, self.device)
-            self.session.run_with_iobinding(binding)
-            outs = binding._iobinding.get_outputs()
-            logits.append(outs[0].numpy())
-            if want_hidden:
-                hidden.append(outs[1].numpy())
-            cache.replace([outs[i] for i in range(2 if want_hidden else 1, len(outs))])
-            cache.length += 1
+                hidden.append(step_hidden)
         return np.concatenate(logits, axis=1), (np.concatenate(hidden, axis=1) if want_hidden else None)

@@ -86,10 +86,9 @@ def default_attention_mask(input_ids: np.ndarray, cfg: GenerationConfig) -> np.n
 def prepare_config(base: GenerationConfig, generation_config: GenerationConfig | None, prompt_length: int,
                    max_positions: int | None, kwargs: dict[str, Any], vocab_size: int | None = None) -> GenerationConfig:
     cfg = (generation_config or base).updated(**kwargs)
-    cfg.check_types(vocab_size)
+    cfg.validate(vocab_size)
     if cfg.pad_token_id is None and cfg.eos_ids:
         cfg.pad_token_id = cfg.eos_ids[0]
-    cfg.validate(vocab_size)
     user_set_max_length = "max_length" in kwargs or (generation_config is not None and generation_config.max_new_tokens is None)
     if cfg.max_new_tokens is not None:
         if "max_length" in kwargs and kwargs["max_length"] is not None:
@@ -122,7 +121,7 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
             else default_attention_mask(ids, cfg))
     mode = cfg.generation_mode(assistant_model)
-    if getattr(lm.decoder, "static", False) and mode not in (modes.GREEDY, modes.SAMPLE, modes.ASSISTED):
+    if lm.decoder.static and mode not in (modes.GREEDY, modes.SAMPLE, modes.ASSISTED):
         raise UnsupportedError(
             f"{mode} needs a cache that changes batch size, which a static-shape export cannot; use greedy or sampling "
             "with this model, or the dynamic export for this strategy")

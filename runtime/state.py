@@ -25,7 +25,7 @@ class DecodeState:
         self.cur = length
         self.prompt_length = length
         self._real = attention_mask.sum(axis=1).astype(np.int64)  # real (unmasked) tokens per row so far
-        self.cache = decoder.new_cache(batch) if decoder.static else decoder.new_cache(batch, capacity=cap)
+        self.cache = decoder.new_cache(batch, capacity=cap)
         self.output_scores = output_scores
         self.output_logits = output_logits
         self.want_hidden = want_hidden
