@@ -31,6 +31,20 @@ def owned(arr: np.ndarray, device: str = "cpu", device_id: int = 0):
     return value._ortvalue
 
 
+def _bind_past(binding: ort.IOBinding, names: Sequence[str], values: list, present_names: Sequence[str],
+               device: object) -> None:
+    """Past values as inputs; presents left for onnxruntime to allocate on ``device``."""
+    raw = binding._iobinding
+    for name, value in zip(names, values):
+        raw.bind_ortvalue_input(name, value)
+    for name in present_names:
+        raw.bind_output(name, device)
+
+
+def _presents(outputs, first: int) -> list:
+    return [outputs[i] for i in range(first, len(outputs))]
+
+
 class KVCache:
     """Past keys and values of every layer for a batch of rows."""
 
@@ -57,15 +71,11 @@ class KVCache:
     def bind(self, binding: ort.IOBinding, present_names: Sequence[str] = (), device: object = None,
              new: int = 0) -> None:
         """Bind the past; presents are bound to ``device`` for onnxruntime to allocate (concat grows them)."""
-        raw = binding._iobinding
-        for name, value in zip(self.names, self.values):
-            raw.bind_ortvalue_input(name, value)
-        for name in present_names:
-            raw.bind_output(name, device)
+        _bind_past(binding, self.names, self.values, present_names, device)
 
     def adopt(self, outputs, first: int, new: int) -> None:
         """Take the graph's presents (C-level OrtValues, ``outputs[first:]``) as the next past: no copy."""
-        self.values = [outputs[i] for i in range(first, len(outputs))]
+        self.values = _presents(outputs, first)
 
     def gathered(self, rows: np.ndarray) -> "KVCache":
         """A new cache holding ``rows`` of this one (contrastive search's candidates)."""
@@ -191,15 +201,11 @@ class StaticKVCache:
 
     def bind(self, binding: ort.IOBinding, present_names: Sequence[str] = (), device: object = None,
              new: int = 0) -> None:
-        raw = binding._iobinding
-        for name, value in zip(self.names, self.values):
-            raw.bind_ortvalue_input(name, value)
-        for name in present_names:
-            raw.bind_output(name, device)
+        _bind_past(binding, self.names, self.values, present_names, device)
 
     def adopt(self, outputs, first: int, new: int) -> None:
         """The graph returns the whole buffer with the new slot written: it becomes the next past."""
-        self.values = [outputs[i] for i in range(first, len(outputs))]
+        self.values = _presents(outputs, first)
         self.length += new
 
     def crop(self, length: int) -> None:

@@ -109,3 +109,19 @@ def check_beams_against_transformers(lm, model, ids, mask, **kw):
     np.testing.assert_allclose(out.sequences_scores, ref.sequences_scores.numpy(), atol=1e-4)
     np.testing.assert_array_equal(out.beam_indices, ref.beam_indices.numpy())
     return ref
+
+
+def check_tiny_beams(arch: str, setting: dict, exported, hf_model, eos_list: bool = False) -> None:
+    """A beam-family setting on a tiny model, left-padded batch of 2, against transformers: without EOS, with an
+    EOS the beams really produce (so finished hypotheses get exercised; as a list with an unused id if
+    ``eos_list``), and on the shorter row alone."""
+    from edgelm.runtime import CausalLM
+
+    model, _ = hf_model(f"tiny-{arch}")
+    lm = CausalLM.load(exported(f"tiny-{arch}"))
+    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
+    kw = dict(setting, max_new_tokens=16, pad_token_id=0)
+    free = check_beams_against_transformers(lm, model, ids, mask, eos_token_id=None, **kw)
+    eos = int(free.sequences[0, ids.shape[1] + 3])
+    check_beams_against_transformers(lm, model, ids, mask, eos_token_id=[eos, 399] if eos_list else eos, **kw)
+    check_beams_against_transformers(lm, model, ids[1:], mask[1:], eos_token_id=eos, **kw)

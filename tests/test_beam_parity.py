@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CAUSAL, check_beams_against_transformers, left_pad
+from conftest import CAUSAL, check_beams_against_transformers, check_tiny_beams, left_pad
 from edgelm.runtime import CausalLM
 
 SETTINGS = [
@@ -18,21 +18,10 @@ SETTINGS = [
 ]
 
 
-_check = check_beams_against_transformers
-
-
 @pytest.mark.parametrize("arch", CAUSAL)
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_tiny_beam_search_matches_transformers(arch, setting, exported, hf_model):
-    model, _ = hf_model(f"tiny-{arch}")
-    lm = CausalLM.load(exported(f"tiny-{arch}"))
-    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
-    kw = dict(SETTINGS[setting], max_new_tokens=16, pad_token_id=0)
-    free = _check(lm, model, ids, mask, eos_token_id=None, **kw)
-    # an end-of-sequence token that the beams really produce, so finished hypotheses get exercised
-    eos = int(free.sequences[0, ids.shape[1] + 3])
-    _check(lm, model, ids, mask, eos_token_id=[eos, 399], **kw)
-    _check(lm, model, ids[1:], mask[1:, :], eos_token_id=eos, **kw)
+    check_tiny_beams(arch, SETTINGS[setting], exported, hf_model, eos_list=True)
 
 
 @pytest.mark.real
@@ -42,7 +31,7 @@ def test_smollm2_beam_search_matches_transformers(setting, exported, hf_model):
     lm = CausalLM.load(exported("smollm2-135m-instruct"))
     ids, mask = left_pad([tok("The capital of France is")["input_ids"],
                           tok("Here is a short poem about the sea:")["input_ids"]], pad=2)
-    _check(lm, model, ids, mask, max_new_tokens=24, **SETTINGS[setting])
+    check_beams_against_transformers(lm, model, ids, mask, max_new_tokens=24, **SETTINGS[setting])
 
 
 def test_beam_sampling_reproduces_and_is_well_formed(exported):
