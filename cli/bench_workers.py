@@ -9,13 +9,23 @@ top and each system's imports inside its function.
     python bench_workers.py SYSTEM MODEL_PATH REQUEST_JSON
 
 SYSTEM: edgelm | torch | optimum | genai. REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy",
-"threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens", ...}.
+"threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens",
+"threads_used", "thread_setting", ...}.
+
+Every system gets the thread count through the setting it really reads, and the worker reports
+what it ran with, read back from the system where its API allows:
+- edgelm: ``CausalLM.load(threads=)`` -> onnxruntime SessionOptions.intra_op_num_threads (read back
+  from the session);
+- optimum: SessionOptions.intra_op_num_threads passed to ORTModelForCausalLM (read back from its session);
+- torch: ``torch.set_num_threads`` (read back with ``torch.get_num_threads``);
+- onnxruntime-genai: the decoder's ``session_options`` in its config, set with
+  ``og.Config.overlay`` (genai ignores OMP_NUM_THREADS and builds its session from that config;
+  it has no API to read the session back, so the worker reports the overlay it applied).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -82,6 +92,8 @@ def run_edgelm(model: str, req: dict) -> dict:
     t0 = time.perf_counter()
     lm = CausalLM.load(model, threads=req["threads"], model_file=req.get("model_file"))
     load_s = time.perf_counter() - t0
+    opts = lm.decoder.session.get_session_options()
+    threads_used = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads}
     ids = np.asarray([req["prompt_ids"]], np.int64)
     strategy = req["strategy"]
     kw = dict(STRATEGIES.get(strategy) or EDGELM_ONLY[strategy])
@@ -115,6 +127,8 @@ def run_edgelm(model: str, req: dict) -> dict:
     if stats:
         res["acceptance_rate"] = stats["accepted"] / max(stats["candidates"], 1)
     res["load_s"] = load_s
+    res["threads_used"] = threads_used
+    res["thread_setting"] = "onnxruntime SessionOptions (edgelm threads=)"
     return res
 
 
@@ -141,7 +155,9 @@ def run_torch(model: str, req: dict) -> dict:
     t0 = time.perf_counter()
     lm = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
-    return {**_hf_generate(lm, req), "load_s": load_s}
+    return {**_hf_generate(lm, req), "load_s": load_s,
+            "threads_used": {"torch.get_num_threads": torch.get_num_threads()},
+            "thread_setting": "torch.set_num_threads"}
 
 
 def run_optimum(model: str, req: dict) -> dict:
@@ -153,7 +169,16 @@ def run_optimum(model: str, req: dict) -> dict:
     t0 = time.perf_counter()
     lm = ORTModelForCausalLM.from_pretrained(model, session_options=opts, use_cache=True, use_io_binding=False)
     load_s = time.perf_counter() - t0
-    return {**_hf_generate(lm, req), "load_s": load_s}
+    used = lm.model.get_session_options()
+    return {**_hf_generate(lm, req), "load_s": load_s,
+            "threads_used": {"intra_op_num_threads": used.intra_op_num_threads,
+                             "inter_op_num_threads": used.inter_op_num_threads},
+            "thread_setting": "onnxruntime SessionOptions passed to ORTModelForCausalLM"}
+
+
+def genai_overlay(threads: int) -> dict:
+    """The config overlay that sets onnxruntime-genai's decoder session threads (the only setting it reads)."""
+    return {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
 
 
 def run_genai(model: str, req: dict) -> dict:
@@ -161,6 +186,8 @@ def run_genai(model: str, req: dict) -> dict:
 
     config = og.Config(model)
     config.clear_providers()
+    overlay = genai_overlay(req["threads"])
+    config.overlay(json.dumps(overlay))
     t0 = time.perf_counter()
     lm = og.Model(config)
     load_s = time.perf_counter() - t0
@@ -186,7 +213,8 @@ def run_genai(model: str, req: dict) -> dict:
     generate(WARMUP_TOKENS, None)
     n = req["new_tokens"]
     res = _timed(lambda s: generate(n, s), req["strategy"] not in WHOLE_CALL, n)
-    return {**res, "load_s": load_s}
+    return {**res, "load_s": load_s, "threads_used": overlay["model"]["decoder"]["session_options"],
+            "thread_setting": "genai_config decoder session_options via og.Config.overlay"}
 
 
 RUNNERS = {"edgelm": run_edgelm, "torch": run_torch, "optimum": run_optimum, "genai": run_genai}
@@ -198,8 +226,6 @@ def main(argv: list[str]) -> int:
         return 2
     system, model, request = argv
     req = json.loads(request)
-    if system == "genai":  # onnxruntime-genai reads its thread count from the session options it is given
-        os.environ.setdefault("OMP_NUM_THREADS", str(req["threads"]))
     res = RUNNERS[system](model, req)
     res["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(res))

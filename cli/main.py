@@ -61,16 +61,24 @@ def _add_export(sub: Any) -> None:
             "return last_hidden_state. The export is validated against PyTorch (batch of 2 with left padding, "
             "prefill, 3 decode steps and a 3-token chunk); the output folder appears only if validation passes."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("source", help="a transformers checkpoint folder (with config.json) or a .gguf file "
-                                  "(dequantized to float32 through transformers)")
+    p.add_argument("source", help="a transformers checkpoint folder (with config.json) or a .gguf file (loaded "
+                                  "through transformers for tracing and validation; its quantized blocks are then "
+                                  "carried into the graph unless --quantize says otherwise)")
     p.add_argument("output_dir", help="folder to create: model.onnx, tokenizer, configs and the edgelm.json manifest")
     p.add_argument("--task", choices=["causal-lm", "masked-lm"], default=None,
                    help="force the task instead of detecting it from the config's architectures")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (atomically, at the end)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version of the exported graph")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the MatMul weights after validating the float32 graph: int8 = onnxruntime dynamic "
-                        "quantization (MatMulInteger), int4 = weight-only MatMulNBits, blocks of 32")
+    p.add_argument("--quantize", choices=["auto", "none", "gguf", "int8", "int4", "int8-dynamic"], default="auto",
+                   help="weight quantization, applied after the float32 graph validated, then measured against it "
+                        "(perplexity ratio on a built-in text, printed and kept in edgelm.json). gguf: the GGUF "
+                        "source's own quantized blocks carried over exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K-Q6_K); "
+                        "int8: weight-only 8-bit blocks (near-lossless); int4: 4-bit blocks with searched scales "
+                        "(smallest); int8-dynamic: MatMulInteger, for ONNX Runtime Mobile builds without MatMulNBits; "
+                        "none: float32; auto: gguf for a .gguf source, none for a checkpoint folder")
+    p.add_argument("--max-quality-loss", type=float, default=None, metavar="FRACTION",
+                   help="fail (writing nothing) if the quantized export's perplexity exceeds the float32 graph's "
+                        "by more than this fraction, e.g. 0.02 for 2%%")
     p.add_argument("--mobile", action="store_true",
                    help="also write model.ort (ORT format for ONNX Runtime Mobile, arm target) and "
                         "required_operators.config (for a reduced-size onnxruntime build)")
@@ -100,7 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
-                     quantize=args.quantize, mobile=args.mobile, fuse=args.fuse,
+                     quantize=args.quantize, mobile=args.mobile, fuse=args.fuse, max_quality_loss=args.max_quality_loss,
                      static_max_length=args.max_length if args.static_shapes else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0

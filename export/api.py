@@ -27,8 +27,9 @@ def _version() -> str:
 def _consolidate(raw_dir: Path, out_dir: Path, tie: bool) -> bool:
     """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``.
 
-    Quantized exports keep the LM head as its own MatMul: the quantizers only rewrite MatMul, and
-    a float32 head would be the biggest weight read per token.
+    ``int8-dynamic`` keeps the LM head as its own MatMul (onnxruntime's dynamic quantizer only
+    rewrites MatMul, and a float32 head would be the biggest weight read per token); the other
+    schemes quantize the shared table once for both the lookup and the head.
     """
     import onnx
 
@@ -57,6 +58,41 @@ def _special_ids(src: Any) -> tuple[list[int], int | None, int | None]:
 
 
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+FLOAT_DIR = ".float32"
+"""Where a quantized export keeps its validated float32 graph until the quantized one is measured against it."""
+
+
+def _weights_line(report: dict[str, Any]) -> str:
+    parts = ", ".join(f"{kind}: {n / 1e6:.1f}M" for kind, n in (report.get("weights") or {}).items())
+    kept = report.get("kept_float32") or []
+    return (f"weights {parts or report.get('method', '')}; {len(kept)} matrices kept float32"
+            + (f" ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})" if kept else ""))
+
+
+def _measure_quality(folder: Path, manifest: Manifest, max_quality_loss: float | None,
+                     log: Callable[[str], None]) -> None:
+    from edgelm.export import quality
+
+    log("      measuring the quantized graph against the float32 one on the built-in text ...")
+    report = quality.compare(folder, manifest, f"{FLOAT_DIR}/{MODEL_FILE}")
+    manifest.validation["quality"] = report
+    log(f"      {report['measure']} {report['perplexity']:.3f} vs float32 {report['float32_perplexity']:.3f} "
+        f"over {report['tokens']} tokens: ratio {report['ratio']:.4f}")
+    if max_quality_loss is not None and report["ratio"] > 1 + max_quality_loss:
+        raise ExportError(
+            f"the {manifest.validation['quantization']['scheme']} export loses {100 * (report['ratio'] - 1):.2f}% "
+            f"perplexity against float32, more than --max-quality-loss {max_quality_loss:g} allows: nothing was "
+            "written; try --quantize int8 (or gguf for a GGUF source), or raise the limit")
+
+
+def resolve_quantize(quantize: str | None, source: str | Path) -> str | None:
+    """The scheme an export uses: ``"auto"`` is ``gguf`` for a .gguf source (its blocks carried over exactly,
+    at the GGUF's size) and float32 otherwise; ``None`` and ``"none"`` mean float32."""
+    if quantize in (None, "none"):
+        return None
+    if quantize == "auto":
+        return "gguf" if Path(source).suffix.lower() == ".gguf" else None
+    return quantize
 
 
 def export_model(
@@ -65,10 +101,11 @@ def export_model(
     task: str | None = None,
     overwrite: bool = False,
     opset: int = 17,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     mobile: bool = False,
     static_max_length: int | None = None,
     fuse: bool | None = None,
+    max_quality_loss: float | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
@@ -77,6 +114,12 @@ def export_model(
     folder beside ``output_dir`` and renamed at the end, so an error, a kill or a full disk
     leaves no half-written output.
 
+    ``quantize``: a scheme of ``edgelm.export.quant`` (``gguf``, ``int8``, ``int4``,
+    ``int8-dynamic``), ``"auto"`` (``gguf`` for a GGUF source, else float32) or None/"none".
+    The float32 graph is validated against PyTorch first; the quantized one is then measured
+    against it (perplexity ratio on a built-in text, in the manifest), and ``max_quality_loss``
+    (e.g. 0.02 for 2%) stops the export, writing nothing, when the ratio exceeds 1 + that.
+
     ``fuse`` (default: on, except with ``mobile``) fuses Llama-family attention into onnxruntime's
     contrib operators. ORT-format files are only read by onnxruntime releases at least as new as
     the converter, and contrib operators gain attributes between releases (a 1.32 ``.ort`` with
@@ -84,7 +127,8 @@ def export_model(
     mobile exports keep standard operators unless ``fuse=True`` is asked for.
     """
     try:
-        return _export(source, output_dir, task, overwrite, opset, quantize, mobile, static_max_length, fuse, log)
+        return _export(source, output_dir, task, overwrite, opset, resolve_quantize(quantize, source), mobile,
+                       static_max_length, fuse, max_quality_loss, log)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise ExportError(
@@ -95,10 +139,19 @@ def export_model(
 
 def _export(source: str | Path, output_dir: str | Path, task: str | None, overwrite: bool, opset: int,
             quantize: str | None, mobile: bool, static_max_length: int | None, fuse: bool | None,
-            log: Callable[[str], None]) -> Manifest:
+            max_quality_loss: float | None, log: Callable[[str], None]) -> Manifest:
+    from edgelm.export import quant
     from edgelm.export.source import load_source
 
     output_dir = Path(output_dir)
+    if quantize:
+        quant.check(quantize, Path(source) if Path(source).suffix.lower() == ".gguf" else None)
+    if max_quality_loss is not None:
+        if not quantize:
+            raise ExportError("--max-quality-loss applies to a quantized export; add --quantize")
+        if not isinstance(max_quality_loss, (int, float)) or not max_quality_loss >= 0:
+            raise ExportError(f"--max-quality-loss takes a non-negative fraction (0.02 = 2% more perplexity), "
+                              f"got {max_quality_loss!r}")
     if static_max_length is not None and (not isinstance(static_max_length, int) or static_max_length < 8):
         raise ExportError(f"--max-length must be an integer of at least 8 for a static-shape export, got {static_max_length!r}")
     if output_dir.exists() and not overwrite:
@@ -135,7 +188,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             from edgelm.export.masked import export_masked
 
             inputs, outputs = export_masked(src.model, src.tokenizer, raw_dir / MODEL_FILE, opset)
-        if _consolidate(raw_dir, tmp, tie=not quantize):
+        if _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic"):
             log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
         graph_report = None
@@ -160,26 +213,36 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
         log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
         quant_report = None
+        float_dir = tmp / FLOAT_DIR
         if quantize:
             from edgelm.export import graph
-            from edgelm.export.quantize import quantize_model
 
-            log(f"      quantizing weights ({quantize}); the float32 graph above is what was validated")
-            model, quant_report = quantize_model(tmp / MODEL_FILE, quantize)
+            log(f"      quantizing weights ({quantize}: {quant.SCHEMES[quantize]}); the float32 graph above is what "
+                "was validated")
+            float_dir.mkdir()
             for name in (MODEL_FILE, graph.EXTERNAL_DATA):
-                (tmp / name).unlink(missing_ok=True)
-            graph.save(model, tmp / MODEL_FILE)
-            del model
+                if (tmp / name).exists():
+                    (tmp / name).rename(float_dir / name)
+            from edgelm.export.quant.calibrate import builtin_text
+
+            calibration = src.tokenizer(builtin_text("calibration.txt"))["input_ids"]
+            ctx = quant.Context(gguf_file=Path(source) if src.gguf_file else None, calibration_ids=list(calibration),
+                                vocab_size=int(src.model.get_output_embeddings().weight.shape[0])
+                                if src.task == "causal-lm" else None,
+                                max_positions=getattr(config, "max_position_embeddings", None), log=log)
+            quant_report = quant.quantize_file(float_dir / MODEL_FILE, tmp / MODEL_FILE, quantize, ctx)
+            log(f"      {_weights_line(quant_report)}")
         mobile_report = None
+        needs_new_ort = bool(fused_op) or quantize in ("gguf", "int8", "int4")
         if mobile:
             from edgelm.export.mobile import convert_to_ort
 
-            if fused_op or quantize == "int4":
+            if needs_new_ort:
                 log("      note: this model.ort uses contrib operators whose attributes change between onnxruntime "
                     "releases: the app needs ONNX Runtime Mobile at least as new as this converter "
                     f"(onnxruntime {_ort_version()})")
             mobile_report = convert_to_ort(tmp / MODEL_FILE, tmp, log=log)
-            mobile_report["min_onnxruntime"] = _ort_version() if (fused_op or quantize == "int4") else None
+            mobile_report["min_onnxruntime"] = _ort_version() if needs_new_ort else None
         log("[4/4] writing tokenizer, configs and manifest")
         src.tokenizer.save_pretrained(tmp)
         if not (tmp / "tokenizer.json").is_file():
@@ -226,6 +289,10 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             manifest.sliding_window = windows[0] if windows else None
             manifest.attention = fused_op or "onnx"
 
+        if quantize:
+            (tmp / MANIFEST_NAME).write_text(manifest.to_json())  # the runtime reads it to measure both graphs
+            _measure_quality(tmp, manifest, max_quality_loss, log)
+            shutil.rmtree(float_dir)
         manifest.export_seconds = round(time.perf_counter() - start, 1)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     log(f"done in {manifest.export_seconds:.1f}s: {output_dir}")

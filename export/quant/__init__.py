@@ -1,0 +1,117 @@
+"""Weight quantization schemes for exported graphs, one module each, chosen by name.
+
+=============  ==========================================================================
+scheme         what the graph holds
+=============  ==========================================================================
+gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K) carried
+               over exactly: the weights computed with equal the GGUF's dequantized ones
+int8           weight-only 8-bit blocks of 32 (MatMulNBits), round-to-nearest
+int4           weight-only 4-bit blocks of 32 with integer zero points, scale/zero point
+               searched per block, weighted by calibration activations
+int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations), for
+               ONNX Runtime Mobile builds without MatMulNBits
+=============  ==========================================================================
+
+All but ``int8-dynamic`` quantize the embedding table and the LM head too (a tied table is
+stored once, quantized, and read by both GatherBlockQuantized and MatMulNBits). Every
+quantized export then measures its perplexity against its own float32 graph (``quality``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgelm.runtime.errors import ExportError
+
+SCHEMES = {
+    "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
+    "int8": "weight-only 8-bit blocks of 32, embedding and LM head included",
+    "int4": "weight-only 4-bit blocks of 32, scales and zero points searched on calibration activations",
+    "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
+}
+
+
+@dataclass
+class Context:
+    """What a scheme may need besides the float graph."""
+
+    gguf_file: Path | None = None
+    calibration_ids: list[int] | None = None
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    log: Callable[[str], None] = print
+
+
+def check(scheme: str, gguf_file: Path | None) -> None:
+    """Refuse an unknown scheme, or ``gguf`` for a source that is not a GGUF file, before any work starts."""
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "gguf" and gguf_file is None:
+        raise ExportError("--quantize gguf carries over a GGUF file's quantized blocks, but the source is a checkpoint "
+                          "folder; export the .gguf file itself, or use --quantize int8 or int4")
+
+
+def quantize_file(src: Path, out: Path, scheme: str, ctx: Context) -> dict[str, Any]:
+    """Write the ``scheme`` quantization of the float graph ``src`` to ``out``; returns the report."""
+    check(scheme, ctx.gguf_file)
+    if scheme == "int8-dynamic":
+        from edgelm.export.quant import dynamic
+
+        try:
+            report = dynamic.quantize_file(src, out)
+        except Exception as exc:  # onnxruntime's quantizers raise plain RuntimeError/ValueError
+            raise ExportError(f"{scheme} quantization failed in onnxruntime's quantizer: {exc}") from exc
+        return {"scheme": scheme, **report}
+    return _rewrite_file(src, out, scheme, ctx)
+
+
+def _scheme(name: str, src: Path, ctx: Context):
+    if name == "gguf":
+        from edgelm.export.quant.gguf import GGUFScheme
+
+        return GGUFScheme(ctx.gguf_file, log=ctx.log)
+    if name == "int8":
+        from edgelm.export.quant.int8 import Int8Scheme
+
+        return Int8Scheme()
+    from edgelm.export.quant import calibrate
+    from edgelm.export.quant.int4 import Int4Scheme
+
+    window = min(512, ctx.max_positions or 512)
+    acts = calibrate.activations(src, ctx.calibration_ids, window) if ctx.calibration_ids else {}
+    if acts:
+        ctx.log(f"      calibration: {len(ctx.calibration_ids)} tokens of the built-in text, "
+                f"{len(acts)} weight inputs measured")
+    else:
+        ctx.log("      calibration: not run on this graph (static shapes or not a causal LM); the search weighs "
+                "every input alike")
+    return Int4Scheme(calibrate.importance(acts))
+
+
+def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:
+    import onnx
+
+    from edgelm.export import graph
+    from edgelm.export.quant.rewrite import rewrite
+
+    scheme = _scheme(name, src, ctx)
+    model = onnx.load(str(src), load_external_data=True)
+    report = rewrite(model, scheme, vocab_size=ctx.vocab_size, log=ctx.log)
+    if not report.quantized:
+        raise ExportError(f"--quantize {name} found no weight matrix it could quantize in this model")
+    graph.save(model, out)
+    result: dict[str, Any] = {
+        "scheme": name,
+        "method": SCHEMES[name],
+        "weights": report.quantized,
+        "kept_float32": report.kept_float,
+        "weight_bytes": report.weight_bytes,
+    }
+    if name == "gguf":
+        result["gguf_file"] = str(ctx.gguf_file)
+        result["max_relative_difference_to_gguf"] = scheme.max_rel_diff
+        if scheme.unsupported:
+            result["gguf_formats_kept_float32"] = scheme.unsupported
+    return result

@@ -1,0 +1,181 @@
+"""Block-quantized matrices in the form onnxruntime's MatMulNBits and GatherBlockQuantized hold.
+
+A weight matrix ``W`` of shape (N outputs, K inputs) is cut along K into blocks of ``block``
+values. Each block has a float32 scale, and the stored integers are unsigned ``bits``-bit
+codes ``q`` with MatMulNBits' conventions:
+
+    W[n, k] = scales[n, b] * (q[n, k] - zero_point[n, b]) + offsets[n, b],   b = k // block
+
+``zero_point`` is ``zero_points`` when given (integers, stored packed like ``q``), else
+onnxruntime's default ``2**(bits - 1)``. ``offsets`` (float32, one per block) are not part of
+MatMulNBits: they are what affine GGUF formats (Q4_1, Q4_K, Q5_K...) add per block, and the
+graph adds them as (per-block sums of the activations) @ offsets (see ``graph_ops``).
+
+Everything a scheme produces is a ``BlockQuant``; the graph rewriter only needs this type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BlockQuant:
+    q: np.ndarray
+    """(N, K) uint8 codes, one per weight, in [0, 2**bits)."""
+    scales: np.ndarray
+    """(N, K // block) float32."""
+    bits: int
+    block: int
+    zero_points: np.ndarray | None = None
+    """(N, K // block) uint8 integer zero points, or None for the default 2**(bits - 1)."""
+    offsets: np.ndarray | None = None
+    """(N, K // block) float32 added per block, or None."""
+    source: str = ""
+    """Where it came from, for reports: "Q4_1", "int4 (searched)", ..."""
+    exact_of: list[str] = field(default_factory=list)
+    """Names of the source tensors whose values this holds exactly (GGUF carry-over), for reports."""
+
+    def __post_init__(self) -> None:
+        n, k = self.q.shape
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"MatMulNBits holds 2, 4 or 8 bits, not {self.bits}")
+        if k % self.block:
+            raise ValueError(f"K={k} is not a multiple of the block size {self.block}")
+        if self.scales.shape != (n, k // self.block):
+            raise ValueError(f"scales have shape {self.scales.shape}, expected {(n, k // self.block)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @property
+    def n_blocks(self) -> int:
+        return self.q.shape[1] // self.block
+
+    @property
+    def kind(self) -> tuple[int, int, bool, bool]:
+        """What must agree for two matrices to share one MatMulNBits node."""
+        return self.bits, self.block, self.zero_points is not None, self.offsets is not None
+
+    def zero_point_values(self) -> np.ndarray:
+        if self.zero_points is not None:
+            return self.zero_points.astype(np.float32)
+        return np.full(self.scales.shape, float(2 ** (self.bits - 1)), np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix the graph computes with (up to float32 rounding of the per-block terms)."""
+        n, k = self.q.shape
+        q = self.q.reshape(n, self.n_blocks, self.block).astype(np.float32)
+        w = self.scales[..., None] * (q - self.zero_point_values()[..., None])
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
+        return w.reshape(n, k)
+
+    def packed(self) -> np.ndarray:
+        """(N, K // block, block * bits / 8) uint8: MatMulNBits' B layout, low bits first."""
+        return _pack(self.q, self.bits).reshape(self.q.shape[0], self.n_blocks, -1)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """(N, ceil(n_blocks * bits / 8)) uint8, each row padded to whole bytes as MatMulNBits reads them."""
+        if self.zero_points is None:
+            return None
+        per_byte = 8 // self.bits
+        n, nb = self.zero_points.shape
+        padded = np.zeros((n, -(-nb // per_byte) * per_byte), np.uint8)
+        padded[:, :nb] = self.zero_points
+        return _pack(padded, self.bits)
+
+    def with_block(self, block: int) -> "BlockQuant":
+        """The same values with smaller blocks (each scale repeated): lets differently blocked parts share a node."""
+        if block == self.block:
+            return self
+        if self.block % block:
+            raise ValueError(f"cannot split blocks of {self.block} into blocks of {block}")
+        rep = self.block // block
+        grow = (lambda a: None if a is None else np.repeat(a, rep, axis=1))
+        return BlockQuant(self.q, np.repeat(self.scales, rep, axis=1), self.bits, block, grow(self.zero_points),
+                          grow(self.offsets), self.source, list(self.exact_of))
+
+    def with_bits(self, bits: int) -> "BlockQuant":
+        """The same values held in more bits (codes and zero point shifted to the wider default)."""
+        if bits == self.bits:
+            return self
+        if bits < self.bits:
+            raise ValueError(f"cannot hold {self.bits}-bit codes in {bits} bits")
+        shift = 2 ** (bits - 1) - 2 ** (self.bits - 1)
+        q = (self.q.astype(np.int32) + shift).astype(np.uint8)
+        zp = None if self.zero_points is None else (self.zero_points.astype(np.int32) + shift).astype(np.uint8)
+        return BlockQuant(q, self.scales, bits, self.block, zp, self.offsets, self.source, list(self.exact_of))
+
+    def with_offsets(self) -> "BlockQuant":
+        """The same values with an explicit (zero) offset, so it can share a node with affine parts."""
+        if self.offsets is not None:
+            return self
+        return BlockQuant(self.q, self.scales, self.bits, self.block, self.zero_points,
+                          np.zeros_like(self.scales), self.source, list(self.exact_of))
+
+    def with_zero_points(self) -> "BlockQuant":
+        if self.zero_points is not None:
+            return self
+        zp = np.full(self.scales.shape, 2 ** (self.bits - 1), np.uint8)
+        return BlockQuant(self.q, self.scales, self.bits, self.block, zp, self.offsets, self.source,
+                          list(self.exact_of))
+
+    def nbytes(self) -> int:
+        """Bytes the graph stores for this matrix."""
+        size = self.q.size * self.bits // 8 + self.scales.nbytes
+        if self.zero_points is not None:
+            size += self.packed_zero_points().nbytes
+        if self.offsets is not None:
+            size += self.offsets.nbytes
+        return size
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack (rows, cols) codes along cols, ``8 // bits`` per byte, the first in the lowest bits."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    per_byte = 8 // bits
+    rows, cols = codes.shape
+    grouped = codes.astype(np.uint8).reshape(rows, cols // per_byte, per_byte)
+    out = np.zeros((rows, cols // per_byte), np.uint8)
+    for i in range(per_byte):
+        out |= grouped[:, :, i] << np.uint8(bits * i)
+    return out
+
+
+def common_form(parts: list[BlockQuant]) -> list[BlockQuant]:
+    """The parts converted to one kind (widest bits, smallest block, zero points/offsets if any has them).
+
+    Used only when parts of different kinds must share one node; the rewriter prefers one
+    node per kind, so this is the fallback for small leftovers.
+    """
+    bits = max(p.bits for p in parts)
+    block = min(p.block for p in parts)
+    zp = any(p.zero_points is not None for p in parts)
+    off = any(p.offsets is not None for p in parts)
+    out = []
+    for p in parts:
+        p = p.with_bits(bits).with_block(block)
+        if zp:
+            p = p.with_zero_points()
+        if off:
+            p = p.with_offsets()
+        out.append(p)
+    return out
+
+
+def concat_rows(parts: list[BlockQuant]) -> BlockQuant:
+    """Stack parts of one kind along N (outputs): e.g. q, k and v of a fused projection."""
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1:
+        raise ValueError(f"parts of different kinds cannot be stacked: {kinds}")
+    first = parts[0]
+    cat = (lambda name: None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in parts]))
+    sources = sorted({p.source for p in parts})
+    return BlockQuant(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]), first.bits,
+                      first.block, cat("zero_points"), cat("offsets"), "+".join(sources),
+                      [name for p in parts for name in p.exact_of])

@@ -1,0 +1,310 @@
+"""Rewrite a float graph's weight matrices into onnxruntime's block-quantized operators.
+
+A scheme decides *what* each matrix becomes (a list of ``BlockQuant`` parts, or nothing to
+keep it float); this module decides *how* the graph computes with it:
+
+- ``MatMul(x, W)`` / the LM head ``FusedMatMul(x, table, transB=1)`` -> ``MatMulNBits``, one
+  node per kind of part (a fused q/k/v projection whose parts came from GGUF tensors of
+  different formats gets one node per format, joined by a Concat);
+- per-block offsets (affine GGUF formats) -> ``MatMul(MatMul(x, J), offsets)`` added to the
+  output, where ``J`` (K, K/block) sums each block of the activations: the exact form of
+  sum_k x_k (s_b q_k + o_b) = sum_k x_k s_b q_k + sum_b o_b (sum_{k in b} x_k). The block
+  sums of one activation are computed once for all the matrices that read it;
+- the embedding ``Gather`` -> ``GatherBlockQuantized``; a tied embedding/LM head keeps one
+  quantized table that both operators read, so the float32 table never comes back.
+
+MatMulNBits runs with ``accuracy_level`` 4 (activations quantized to int8 per block inside the
+kernel, llama.cpp's Q8 activations): 4-5x faster on CPUs than float compute, and its cost in
+quality is part of what each export measures (``export.quality``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgelm.export.quant.blocks import BlockQuant, common_form, concat_rows
+
+MS = "com.microsoft"
+import os
+ACCURACY_LEVEL = int(os.environ.get("EDGELM_ACC", "4"))
+
+
+class Scheme(Protocol):
+    name: str
+
+    def matrix(self, w: np.ndarray, role: str, name: str) -> list[BlockQuant] | None:
+        """``w`` (N outputs, K inputs) float32 -> parts stacked along N, or None to keep it float.
+
+        ``role`` is "linear", "head" (N = vocabulary) or "embedding" (a Gather's table, maybe tied).
+        """
+
+
+@dataclass
+class Report:
+    """What the rewrite did, for the manifest and the export's log."""
+
+    quantized: dict[str, int] = field(default_factory=dict)
+    """Weights per source kind ("Q4_1", "int4 (searched)", ...)."""
+    kept_float: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, part: BlockQuant) -> None:
+        self.quantized[part.source] = self.quantized.get(part.source, 0) + part.q.size
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _plain_fused_matmul(node: onnx.NodeProto) -> bool:
+    """A FusedMatMul that is just x @ B or x @ B.T (what the tied LM head is)."""
+    return (node.op_type == "FusedMatMul" and node.domain == MS and _attr(node, "transA", 0) == 0
+            and _attr(node, "alpha", 1.0) == 1.0 and not _attr(node, "transBatchA", 0)
+            and not _attr(node, "transBatchB", 0))
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None, log: Callable[[str], None]):
+        self.model = model
+        self.graph = model.graph
+        self.scheme = scheme
+        self.vocab_size = vocab_size
+        self.log = log
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.block_sums: dict[tuple[str, int], str] = {}
+        self.indicators: dict[tuple[int, int], str] = {}
+        self.quantized: dict[str, list[BlockQuant] | None] = {}
+        self.shared_data: dict[str, tuple[str, str]] = {}
+        self.report = Report()
+        self.counter = 0
+
+    # --- names and initializers -------------------------------------------------------------
+    def _name(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}_q{self.counter}"
+
+    def _init(self, array: np.ndarray, base: str) -> str:
+        name = self._name(base)
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def _float(self, array: np.ndarray, base: str, nodes: list[onnx.NodeProto]) -> str:
+        """A float32 constant, stored as float16 when every value survives the trip (GGUF scales are fp16).
+
+        onnxruntime folds the Cast when the session loads, so the operators read float32 initializers
+        (MatMulNBits prepacks them as before) while the file holds half the bytes.
+        """
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        half = array.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), array, equal_nan=True):
+            return self._init(array, base)
+        out = self._name(f"{base}_f32")
+        nodes.append(helper.make_node("Cast", [self._init(half, f"{base}_f16")], [out], name=self._name(f"{base}_Cast"),
+                                      to=onnx.TensorProto.FLOAT))
+        return out
+
+    def _const_shape(self, values: list[int], base: str) -> str:
+        return self._init(np.asarray(values, np.int64), base)
+
+    def table_data(self, init_name: str, table: BlockQuant, nodes: list[onnx.NodeProto]) -> tuple[str, str]:
+        """Packed codes and (N, blocks) scales of a table, one copy for every operator that reads it (tied
+        embedding/head); the first reader's ``nodes`` get the scales' Cast."""
+        if init_name not in self.shared_data:
+            base = _base(init_name)
+            self.shared_data[init_name] = (self._init(table.packed(), f"{base}_table"),
+                                           self._float(table.scales, f"{base}_table_scales", nodes))
+        return self.shared_data[init_name]
+
+    # --- what each weight becomes --------------------------------------------------------------
+    def parts(self, init_name: str, rows_are_outputs: bool, role: str) -> list[BlockQuant] | None:
+        """The scheme's parts for a weight initializer (once per initializer, however many nodes read it).
+
+        ``rows_are_outputs``: the initializer is (N, K) already (a Gather's table, a transB head);
+        a MatMul's B is (K, N).
+        """
+        if init_name not in self.quantized:
+            array = numpy_helper.to_array(self.inits[init_name])
+            w = array if rows_are_outputs else array.T
+            if array.ndim != 2 or array.dtype != np.float32:
+                self.quantized[init_name] = None
+            else:
+                parts = self.scheme.matrix(np.ascontiguousarray(w), role, init_name)
+                self.quantized[init_name] = parts
+                if parts is None:
+                    self.report.kept_float.append(f"{init_name} {tuple(w.shape)}")
+                else:
+                    for part in parts:
+                        self.report.count(part)
+        return self.quantized[init_name]
+
+    # --- node builders -------------------------------------------------------------------------
+    def _block_sum(self, x: str, k: int, block: int, nodes: list[onnx.NodeProto]) -> str:
+        """Per-block sums of activation ``x`` (..., K) -> (..., K / block), once per (x, block)."""
+        key = (x, block)
+        if key not in self.block_sums:
+            ind = (k, block)
+            if ind not in self.indicators:
+                j = np.zeros((k, k // block), np.float32)
+                j[np.arange(k), np.arange(k) // block] = 1.0
+                self.indicators[ind] = self._float(j, f"block_sum_{k}_{block}", nodes)
+            out = self._name(f"{x}_block_sums")
+            nodes.append(helper.make_node("MatMul", [x, self.indicators[ind]], [out], name=self._name("BlockSum")))
+            self.block_sums[key] = out
+        return self.block_sums[key]
+
+    def _matmul_nbits(self, x: str, part: BlockQuant, out: str, nodes: list[onnx.NodeProto], base: str,
+                      shared: tuple[str, str] | None = None) -> None:
+        n, k = part.shape
+        if shared is None:
+            shared = (self._init(part.packed(), f"{base}_B"), self._float(part.scales, f"{base}_scales", nodes))
+        inputs = [x, *shared]
+        if part.zero_points is not None:
+            inputs.append(self._init(part.packed_zero_points(), f"{base}_zp"))
+        main = out if part.offsets is None else self._name(f"{base}_main")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [main], name=self._name(f"{base}_MatMulNBits"),
+                                      domain=MS, K=k, N=n, bits=part.bits, block_size=part.block,
+                                      accuracy_level=ACCURACY_LEVEL))
+        if part.offsets is not None:
+            sums = self._block_sum(x, k, part.block, nodes)
+            off = self._name(f"{base}_offsets_out")
+            nodes.append(helper.make_node("MatMul", [sums, self._float(part.offsets.T, f"{base}_offsets", nodes)], [off],
+                                          name=self._name(f"{base}_Offsets")))
+            nodes.append(helper.make_node("Add", [main, off], [out], name=self._name(f"{base}_AddOffsets")))
+
+    def matmul(self, x: str, parts: list[BlockQuant], out: str, base: str,
+               table: str | None = None) -> list[onnx.NodeProto]:
+        """Nodes computing ``out = x @ W.T`` for W = the stacked parts (``table``: a tied table's initializer name)."""
+        nodes: list[onnx.NodeProto] = []
+        runs = _runs(parts)
+        if len(runs) == 1:
+            shared = self.table_data(table, runs[0], nodes) if table else None
+            self._matmul_nbits(x, runs[0], out, nodes, base, shared)
+            return nodes
+        outs = []
+        for i, run in enumerate(runs):
+            outs.append(self._name(f"{base}_part{i}"))
+            self._matmul_nbits(x, run, outs[-1], nodes, f"{base}_part{i}")
+        nodes.append(helper.make_node("Concat", outs, [out], name=self._name(f"{base}_Concat"), axis=-1))
+        return nodes
+
+    def gather(self, table: BlockQuant, indices: str, out: str, base: str, table_name: str) -> list[onnx.NodeProto]:
+        """Nodes computing ``out = table_float[indices]`` with GatherBlockQuantized (rank-2 indices)."""
+        v, k = table.shape
+        nb = table.n_blocks
+        nodes: list[onnx.NodeProto] = []
+        data, scales2d = self.table_data(table_name, table, nodes)
+        scales = self._name(f"{base}_gather_scales")
+        nodes.append(helper.make_node("Reshape", [scales2d,
+                                                  self._const_shape([v, nb, 1], f"{base}_scales_shape")], [scales],
+                                      name=self._name(f"{base}_ScalesReshape")))
+        inputs = [data, indices, scales]
+        if table.zero_points is not None:
+            inputs.append(self._init(table.zero_points.reshape(v, nb, 1), f"{base}_gather_zp"))
+        blocks = self._name(f"{base}_blocks")  # (batch, seq, K / block, block)
+        nodes.append(helper.make_node("GatherBlockQuantized", inputs, [blocks], name=self._name(f"{base}_Gather"),
+                                      domain=MS, gather_axis=0, quantize_axis=2, block_size=table.block,
+                                      bits=table.bits))
+        if table.offsets is not None:
+            off = self._name(f"{base}_row_offsets")
+            table_off = self._name(f"{base}_offsets3d")
+            nodes.append(helper.make_node("Reshape", [self._float(table.offsets, f"{base}_offsets", nodes),
+                                                      self._const_shape([v, nb, 1], f"{base}_offsets_shape")],
+                                          [table_off], name=self._name(f"{base}_OffsetsReshape")))
+            nodes.append(helper.make_node("Gather", [table_off, indices], [off], name=self._name(f"{base}_GatherOffsets")))
+            shifted = self._name(f"{base}_shifted")
+            nodes.append(helper.make_node("Add", [blocks, off], [shifted], name=self._name(f"{base}_AddOffsets")))
+            blocks = shifted
+        nodes.append(helper.make_node("Reshape", [blocks, self._const_shape([0, 0, k], f"{base}_shape")], [out],
+                                      name=self._name(f"{base}_Reshape")))
+        return nodes
+
+
+def _runs(parts: list[BlockQuant]) -> list[BlockQuant]:
+    """Consecutive parts of one kind stacked; if that leaves many small runs, one common form instead."""
+    runs: list[list[BlockQuant]] = []
+    for part in parts:
+        if runs and runs[-1][0].kind == part.kind:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    if len(runs) > 3:  # a patchwork: one node of the widest form beats many small ones
+        return [concat_rows(common_form(parts))]
+    return [concat_rows(run) for run in runs]
+
+
+def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = None,
+            log: Callable[[str], None] = print) -> Report:
+    """Replace, in place, every weight matrix the scheme quantizes; returns what was done."""
+    b = _Builder(model, scheme, vocab_size, log)
+    graph = model.graph
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def is_table(name: str) -> bool:
+        return name in b.inits and any(u.op_type == "Gather" and u.input[0] == name for u in users.get(name, []))
+
+    out_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        replacement = None
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in b.inits \
+                and node.input[0] not in b.inits:
+            w_name = node.input[1]
+            shape = tuple(b.inits[w_name].dims)
+            role = "head" if len(shape) == 2 and vocab_size and shape[1] == vocab_size else "linear"
+            parts = b.parts(w_name, rows_are_outputs=False, role=role)
+            if parts:
+                replacement = b.matmul(node.input[0], parts, node.output[0], _base(w_name))
+        elif _plain_fused_matmul(node) and node.input[1] in b.inits:
+            w_name = node.input[1]
+            trans_b = bool(_attr(node, "transB", 0))
+            tied = is_table(w_name)
+            role = "embedding" if tied else "head"
+            parts = b.parts(w_name, rows_are_outputs=trans_b, role=role)
+            if parts:
+                table = w_name if tied and trans_b else None
+                replacement = b.matmul(node.input[0], parts, node.output[0], _base(w_name), table)
+        elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in b.inits \
+                and _attr(node, "axis", 0) == 0 and len(b.inits[node.input[0]].dims) == 2:
+            t_name = node.input[0]
+            rows = b.inits[t_name].dims[0]
+            if rows >= 1024:  # word embeddings; small tables (positions, token types) stay float
+                parts = b.parts(t_name, rows_are_outputs=True, role="embedding")
+                if parts and len(_runs(parts)) == 1:
+                    table = concat_rows(parts)
+                    replacement = b.gather(table, node.input[1], node.output[0], _base(t_name), t_name)
+        out_nodes.extend(replacement if replacement is not None else [node])
+        if replacement is not None:
+            b.report.nodes[node.op_type] = b.report.nodes.get(node.op_type, 0) + 1
+
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    graph.initializer.extend(b.new_inits)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    b.report.weight_bytes = sum(_nbytes(t) for t in graph.initializer)
+    return b.report
+
+
+def _base(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60] or "w"
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
