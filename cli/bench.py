@@ -206,8 +206,13 @@ def run_bench(model_dir: str, prompt_tokens: int = 64, new_tokens: int = 128, ru
                                         "processor": platform.processor() or platform.machine()},
         "systems": {t.system: t.model for t in targets}, "results": {},
     }
+    results["ran_with"] = {}
     for (system, key), rs in cells.items():
         ok = [r for r in rs if "error" not in r]
+        for r in ok:
+            seen = results["ran_with"].setdefault(system, {"setting": r.get("thread_setting"), "read_back": []})
+            if r.get("threads_used") not in seen["read_back"]:
+                seen["read_back"].append(r.get("threads_used"))
         entry: dict[str, Any] = {"errors": [r["error"] for r in rs if "error" in r]}
         for field in ("decode_tps", "ttft_ms", "peak_rss_mb", "end_to_end_tps", "ort_fraction", "sampling_fraction",
                       "acceptance_rate"):
@@ -289,6 +294,13 @@ def markdown(results: dict) -> str:
                 extra += f" ({len(entry['errors'])} failed: {entry['errors'][0][:80]})"
             lines.append(f"| {system} | {key}{extra} | {_cell(entry, 'decode_tps')} | {vs} | "
                          f"{_cell(entry, 'ttft_ms', '{:.0f}')} | {_cell(entry, 'peak_rss_mb', '{:.0f}')} |")
+    ran = results.get("ran_with") or {}
+    if ran:
+        lines += ["", f"Threads: {results['threads']} requested for every system; what each ran with:", "",
+                  "| system | set through | read back |", "|---|---|---|"]
+        for system, seen in ran.items():
+            back = "; ".join(", ".join(f"{k}={v}" for k, v in (r or {}).items()) or "-" for r in seen["read_back"])
+            lines.append(f"| {system} | {seen['setting'] or '-'} | {back} |")
     checks = targets_report(results)
     if checks:
         lines += ["", "| target | this run | met |", "|---|---|---|"]

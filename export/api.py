@@ -197,7 +197,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
 
             graph_report = graph.optimize_offline(tmp / MODEL_FILE)
             log(f"      optimized offline: {graph_report['nodes_before']} -> {graph_report['nodes_after']} nodes "
-                "(onnxruntime extended level + SkipSimplifiedLayerNormalization)")
+                f"(onnxruntime extended level; {graph_report['skip_rms_norm_fused']} residual adds fused into "
+                "SkipSimplifiedLayerNormalization)")
         log("[3/4] validating against PyTorch")
         from edgelm.export import validate
 

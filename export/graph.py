@@ -4,10 +4,9 @@
   then maps them instead of parsing a protobuf that holds them, which lowers peak memory at load
   and loads faster (``edgelm bench`` reports the peak RSS).
 - Fused (Llama-family) graphs are optimized offline: onnxruntime's own "extended" graph
-  optimizations (RMSNorm -> SimplifiedLayerNormalization, ...), then its transformers toolkit's
-  SkipSimplifiedLayerNormalization fusion (residual add + RMSNorm in one kernel), which the
-  runtime optimizer does not do (61 residual Adds fewer per SmolLM2 step; ``edgelm export`` logs
-  the node counts before and after).
+  optimizations (RMSNorm -> SimplifiedLayerNormalization, ...), then the residual add + RMSNorm
+  pairs become SkipSimplifiedLayerNormalization (one kernel), which the runtime optimizer does
+  not do (60 residual Adds fewer per SmolLM2 step; ``edgelm export`` logs the node counts).
 - A tied embedding is stored once: the tracer writes the LM head's transposed weight as its own
   initializer beside the embedding table; the LM head becomes ``FusedMatMul(hidden, table,
   transB=1)`` over the embedding table itself. (Gathering from ``Transpose(lm_head)`` instead,
@@ -17,7 +16,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -90,8 +88,6 @@ def optimize_offline(path: Path) -> dict[str, int]:
     import tempfile
 
     import onnxruntime as ort
-    from onnxruntime.transformers.fusion_simplified_layernorm import FusionSkipSimplifiedLayerNormalization
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
     before = len(onnx.load(str(path), load_external_data=False).graph.node)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".opt-") as work:
@@ -103,16 +99,45 @@ def optimize_offline(path: Path) -> dict[str, int]:
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.log_severity_level = 3
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        model = OnnxModel(onnx.load(str(optimized)))
-        # Its symbolic shape inference cannot type contrib operators and says so; the fusion then
-        # assumes same-shape residual adds, which is what these graphs have (validation checks it).
-        quiet = logging.getLogger("onnxruntime.transformers.fusion_skiplayernorm")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            FusionSkipSimplifiedLayerNormalization(model).apply()
-        finally:
-            quiet.setLevel(level)
-        model.prune_graph()
-        save(model.model, path)
-    return {"nodes_before": before, "nodes_after": len(model.model.graph.node)}
+        model = onnx.load(str(optimized))
+        fused = fuse_skip_rms_norm(model)
+        save(model, path)
+    return {"nodes_before": before, "nodes_after": len(model.graph.node), "skip_rms_norm_fused": fused}
+
+
+def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
+    """Residual ``Add`` + ``SimplifiedLayerNormalization`` -> one ``SkipSimplifiedLayerNormalization``; returns how many.
+
+    onnxruntime's own fusion (``onnxruntime.transformers``) gives up when its symbolic shape inference
+    cannot type the contrib operators these graphs hold, so this is the same rewrite for the one
+    pattern they have: both Add inputs are activations (the residual stream and a block's output,
+    same shape), and the sum, which the next residual Add also reads, is the fused node's fourth
+    output. Export validation checks the result against PyTorch.
+    """
+    graph = model.graph
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for node in graph.node:
+        if node.op_type != "SimplifiedLayerNormalization" or len(node.input) < 2:
+            continue
+        add = producer.get(node.input[0])
+        if add is None or add.op_type != "Add" or id(add) in replaced or any(i in consts for i in add.input):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        if axis != -1:
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        outputs = [node.output[0], "", "", add.output[0]]
+        replaced[id(add)] = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], node.input[1]],
+                                             outputs, name=f"{node.name or 'rms'}_skip", domain="com.microsoft",
+                                             epsilon=eps)
+        replaced[id(node)] = None
+    if not replaced:
+        return 0
+    nodes = [replaced.get(id(n), n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n is not None)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return sum(1 for v in replaced.values() if v is None)

@@ -106,11 +106,11 @@ def test_antiberty_export(exported):
 
 @pytest.mark.real
 def test_export_from_gguf(tmp_path):
-    """A .gguf file exports directly (dequantized by transformers) and validates."""
+    """A .gguf file exports to float32 (dequantized by transformers, --quantize none) and validates."""
     from edgelm.export import export_model
     from edgelm.models.real import smollm2_gguf
 
-    man = export_model(smollm2_gguf(log=lambda s: None), tmp_path / "out", log=lambda s: None)
+    man = export_model(smollm2_gguf(log=lambda s: None), tmp_path / "out", quantize="none", log=lambda s: None)
     assert man.validation["passed"] and man.num_layers == 30
     assert (tmp_path / "out" / "model.onnx").is_file()
 

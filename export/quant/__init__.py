@@ -5,9 +5,10 @@ scheme         what the graph holds
 =============  ==========================================================================
 gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K) carried
                over exactly: the weights computed with equal the GGUF's dequantized ones
-int8           weight-only 8-bit blocks of 32 (MatMulNBits), round-to-nearest
-int4           weight-only 4-bit blocks of 32 with integer zero points, scale/zero point
-               searched per block, weighted by calibration activations
+int8           weight-only 8-bit blocks of 32 (MatMulNBits) with integer zero points
+int4           weight-only 4-bit blocks of 32 with integer zero points
+               (both: scale and zero point searched per block, weighted by calibration
+               activations; see ``search``)
 int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations), for
                ONNX Runtime Mobile builds without MatMulNBits
 =============  ==========================================================================
@@ -27,7 +28,7 @@ from edgelm.runtime.errors import ExportError
 
 SCHEMES = {
     "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
-    "int8": "weight-only 8-bit blocks of 32, embedding and LM head included",
+    "int8": "weight-only 8-bit blocks of 32, embedding and LM head included, scales searched on calibration activations",
     "int4": "weight-only 4-bit blocks of 32, scales and zero points searched on calibration activations",
     "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
 }
@@ -72,12 +73,9 @@ def _scheme(name: str, src: Path, ctx: Context):
         from edgelm.export.quant.gguf import GGUFScheme
 
         return GGUFScheme(ctx.gguf_file, log=ctx.log)
-    if name == "int8":
-        from edgelm.export.quant.int8 import Int8Scheme
-
-        return Int8Scheme()
     from edgelm.export.quant import calibrate
     from edgelm.export.quant.int4 import Int4Scheme
+    from edgelm.export.quant.int8 import Int8Scheme
 
     window = min(512, ctx.max_positions or 512)
     acts = calibrate.activations(src, ctx.calibration_ids, window) if ctx.calibration_ids else {}
@@ -87,7 +85,7 @@ def _scheme(name: str, src: Path, ctx: Context):
     else:
         ctx.log("      calibration: not run on this graph (static shapes or not a causal LM); the search weighs "
                 "every input alike")
-    return Int4Scheme(calibrate.importance(acts))
+    return (Int8Scheme if name == "int8" else Int4Scheme)(calibrate.importance(acts))
 
 
 def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:

@@ -30,8 +30,7 @@ from onnx import helper, numpy_helper
 from edgelm.export.quant.blocks import BlockQuant, common_form, concat_rows
 
 MS = "com.microsoft"
-import os
-ACCURACY_LEVEL = int(os.environ.get("EDGELM_ACC", "4"))
+ACCURACY_LEVEL = 4
 
 
 class Scheme(Protocol):
@@ -73,7 +72,9 @@ def _plain_fused_matmul(node: onnx.NodeProto) -> bool:
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None, log: Callable[[str], None]):
+    def __init__(self, model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None, log: Callable[[str], None],
+                 accuracy_level: int):
+        self.accuracy_level = accuracy_level
         self.model = model
         self.graph = model.graph
         self.scheme = scheme
@@ -173,7 +174,7 @@ class _Builder:
         main = out if part.offsets is None else self._name(f"{base}_main")
         nodes.append(helper.make_node("MatMulNBits", inputs, [main], name=self._name(f"{base}_MatMulNBits"),
                                       domain=MS, K=k, N=n, bits=part.bits, block_size=part.block,
-                                      accuracy_level=ACCURACY_LEVEL))
+                                      accuracy_level=self.accuracy_level))
         if part.offsets is not None:
             sums = self._block_sum(x, k, part.block, nodes)
             off = self._name(f"{base}_offsets_out")
@@ -243,9 +244,13 @@ def _runs(parts: list[BlockQuant]) -> list[BlockQuant]:
 
 
 def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = None,
-            log: Callable[[str], None] = print) -> Report:
-    """Replace, in place, every weight matrix the scheme quantizes; returns what was done."""
-    b = _Builder(model, scheme, vocab_size, log)
+            log: Callable[[str], None] = print, accuracy_level: int = ACCURACY_LEVEL) -> Report:
+    """Replace, in place, every weight matrix the scheme quantizes; returns what was done.
+
+    ``accuracy_level`` 0 makes MatMulNBits compute in float32 (exact, 3x slower or worse): what the
+    tests use to show that the rewritten weights equal the originals.
+    """
+    b = _Builder(model, scheme, vocab_size, log, accuracy_level)
     graph = model.graph
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -255,10 +260,13 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
     def is_table(name: str) -> bool:
         return name in b.inits and any(u.op_type == "Gather" and u.input[0] == name for u in users.get(name, []))
 
+    merged = _merge_siblings(b, graph, users, vocab_size)
     out_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         replacement = None
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in b.inits \
+        if id(node) in merged:
+            replacement = merged[id(node)]
+        elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in b.inits \
                 and node.input[0] not in b.inits:
             w_name = node.input[1]
             shape = tuple(b.inits[w_name].dims)
@@ -278,8 +286,7 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
         elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in b.inits \
                 and _attr(node, "axis", 0) == 0 and len(b.inits[node.input[0]].dims) == 2:
             t_name = node.input[0]
-            rows = b.inits[t_name].dims[0]
-            if rows >= 1024:  # word embeddings; small tables (positions, token types) stay float
+            if node.input[1] == "input_ids":  # the word embeddings; position and token-type tables stay float
                 parts = b.parts(t_name, rows_are_outputs=True, role="embedding")
                 if parts and len(_runs(parts)) == 1:
                     table = concat_rows(parts)
@@ -299,6 +306,46 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
         model.opset_import.append(helper.make_opsetid(MS, 1))
     b.report.weight_bytes = sum(_nbytes(t) for t in graph.initializer)
     return b.report
+
+
+def _plain_matmul(node: onnx.NodeProto, b: "_Builder") -> bool:
+    return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in b.inits
+            and node.input[0] not in b.inits and len(b.inits[node.input[1]].dims) == 2)
+
+
+def _merge_siblings(b: "_Builder", graph: onnx.GraphProto, users: dict[str, list[onnx.NodeProto]],
+                    vocab_size: int | None) -> dict[int, list[onnx.NodeProto]]:
+    """One MatMulNBits (then a Split) for the projections that read the same activation (gate and up, or q, k and v
+    when the export did not fuse them) and quantize to the same kind: fewer kernels per token, and one block-sum
+    and offset product where the format has offsets. Returns node id -> replacement (an empty list for the
+    siblings folded into the first)."""
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if _plain_matmul(node, b) and len(users.get(node.input[1], [])) == 1:
+            groups.setdefault(node.input[0], []).append(node)
+    out: dict[int, list[onnx.NodeProto]] = {}
+    for x, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        weights = [n.input[1] for n in nodes]
+        if any(vocab_size and b.inits[w].dims[1] == vocab_size for w in weights):
+            continue
+        parts = [b.parts(w, rows_are_outputs=False, role="linear") for w in weights]
+        if any(p is None or len(_runs(p)) != 1 for p in parts):
+            continue
+        runs = [_runs(p)[0] for p in parts]
+        if len({r.kind for r in runs}) != 1:
+            continue
+        base = _base(weights[0]) + "_merged"
+        joined = b._name(f"{base}_out")
+        nodes_out = b.matmul(x, [concat_rows(runs)], joined, base)
+        sizes = b._const_shape([r.shape[0] for r in runs], f"{base}_split")
+        nodes_out.append(helper.make_node("Split", [joined, sizes], [n.output[0] for n in nodes],
+                                          name=b._name(f"{base}_Split"), axis=-1))
+        out[id(nodes[0])] = nodes_out
+        for n in nodes[1:]:
+            out[id(n)] = []
+    return out
 
 
 def _base(name: str) -> str:

@@ -1,0 +1,109 @@
+"""The benchmark's workers give every system the requested threads through the setting it really reads.
+
+Each worker runs in a fresh process, as ``edgelm bench`` runs it, and reports what the system
+ran with. onnxruntime-genai is not installed here (it lives in benchmarks/run.sh's own venv),
+so a stand-in package records what the worker hands to ``og.Config``: genai ignores
+OMP_NUM_THREADS and reads only its decoder's session_options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgelm.cli import bench, bench_workers
+
+REQUEST = {"prompt_ids": [5, 17, 99, 3, 250, 8, 42, 7], "new_tokens": 12, "strategy": "greedy"}
+
+
+def _worker(system: str, model, threads: int, env: dict | None = None) -> dict:
+    req = json.dumps({**REQUEST, "threads": threads})
+    proc = subprocess.run([sys.executable, bench_workers.__file__, system, str(model), req], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_edgelm_worker_runs_with_the_requested_threads(threads, exported):
+    res = _worker("edgelm", exported("tiny-llama"), threads)
+    assert res["threads_used"]["intra_op_num_threads"] == threads
+    assert res["decode_tps"] > 0 and res["tokens"] == REQUEST["new_tokens"]
+
+
+def test_torch_worker_runs_with_the_requested_threads(checkpoint):
+    res = _worker("torch", checkpoint("tiny-llama"), 1)
+    assert res["threads_used"] == {"torch.get_num_threads": 1}
+
+
+def test_optimum_worker_runs_with_the_requested_threads(checkpoint):
+    model = bench._optimum_model(checkpoint("tiny-llama"), log=lambda s: None)
+    res = _worker("optimum", model, 1)
+    assert res["threads_used"]["intra_op_num_threads"] == 1
+
+
+FAKE_GENAI = '''
+"""Stand-in for onnxruntime_genai: records the config overlays and generates dummy tokens."""
+import json, os
+
+class Config:
+    def __init__(self, path):
+        self.overlays = []
+    def clear_providers(self):
+        pass
+    def overlay(self, text):
+        self.overlays.append(json.loads(text))
+
+class Model:
+    def __init__(self, config):
+        with open(os.environ["FAKE_GENAI_LOG"], "w") as f:
+            json.dump(config.overlays, f)
+
+class GeneratorParams:
+    def __init__(self, model):
+        self.opts = {}
+    def set_search_options(self, **opts):
+        self.opts = opts
+
+class Generator:
+    def __init__(self, model, params):
+        self.left = params.opts["max_length"]
+    def append_tokens(self, tokens):
+        self.left -= len(tokens)
+    def is_done(self):
+        return self.left <= 0
+    def generate_next_token(self):
+        self.left -= 1
+'''
+
+
+def test_genai_worker_sets_threads_through_the_config_overlay(tmp_path):
+    pkg = tmp_path / "fake" / "onnxruntime_genai"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_GENAI))
+    log = tmp_path / "overlays.json"
+    env = {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_GENAI_LOG": str(log), "OMP_NUM_THREADS": "7"}
+    res = _worker("genai", tmp_path, 3, env)
+    overlays = json.loads(log.read_text())
+    assert overlays, "the worker gave genai no config overlay: genai would run with its default threads"
+    options = overlays[-1]["model"]["decoder"]["session_options"]
+    assert options["intra_op_num_threads"] == 3
+    assert res["threads_used"] == options
+    assert "overlay" in res["thread_setting"]
+
+
+def test_report_prints_what_each_system_ran_with():
+    results = {
+        "model": "m", "precision": "fp32", "attention": "onnx", "prompt_tokens": 8, "new_tokens": 12,
+        "beam_new_tokens": 4, "runs": 1, "threads": 2, "machine": {"cpus": 2, "platform": "p"},
+        "results": {"edgelm": {"greedy": {"decode_tps": {"median": 10.0, "min": 10.0, "max": 10.0}}}},
+        "ran_with": {"genai": {"setting": "genai_config decoder session_options via og.Config.overlay",
+                               "read_back": [{"intra_op_num_threads": 2, "inter_op_num_threads": 1}]}},
+    }
+    text = bench.markdown(results)
+    assert "| genai | genai_config decoder session_options via og.Config.overlay | intra_op_num_threads=2" in text

@@ -1,0 +1,111 @@
+"""int8 / int4 / int8-dynamic on the tiny models: what the graph holds, that the runtime drives it, and the quality gate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgelm.export.quant.blocks import BlockQuant
+from edgelm.export.quant.search import quantize
+from edgelm.runtime import CausalLM
+from edgelm.runtime.errors import ExportError
+
+
+def _ops(folder) -> dict[str, int]:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        out[node.op_type] = out.get(node.op_type, 0) + 1
+    return out
+
+
+def _round_to_nearest(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Plain min/max asymmetric rounding, the baseline the search must beat."""
+    n, k = w.shape
+    x = w.reshape(-1, block)
+    lo, hi = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
+    step = (hi - lo) / (2**bits - 1)
+    zero = np.rint(-lo / step)
+    q = np.clip(np.rint(x / step[:, None]) + zero[:, None], 0, 2**bits - 1)
+    return (step[:, None] * (q - zero[:, None])).reshape(n, k)
+
+
+def test_search_beats_round_to_nearest_where_activations_are_large():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+    w[rng.random(w.shape) < 0.01] *= 12  # a few outliers per block, as real weights have
+    importance = np.ones(256)
+    importance[::7] = 50.0  # channels that meet large activations
+    x = rng.standard_normal((500, 256)) * np.sqrt(importance)
+    searched = quantize(w, importance, 4, 32, np.linspace(-0.12, 0.12, 13), (-1.0, 0.0, 1.0), "t")
+    assert isinstance(searched, BlockQuant) and searched.zero_points is not None
+    ref = x @ w.T
+    err_search = np.linalg.norm(x @ searched.dequantize().T - ref)
+    err_rtn = np.linalg.norm(x @ _round_to_nearest(w, 4, 32).T - ref)
+    assert err_search < 0.9 * err_rtn, (err_search, err_rtn)  # 13% lower on this seed
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_weight_only_schemes_quantize_every_matrix(scheme, exported):
+    folder = exported("tiny-llama", quantize=scheme)
+    man = json.loads((folder / "edgelm.json").read_text())
+    q = man["validation"]["quantization"]
+    assert q["scheme"] == scheme and not q["kept_float32"]
+    ops = _ops(folder)
+    assert ops.get("MatMulNBits", 0) >= 2 * 3 and "GatherBlockQuantized" in ops  # 2 layers: qkv, o, merged gate/up, down
+    assert "MatMul" not in ops or ops["MatMul"] == 0
+    quality = man["validation"]["quality"]
+    assert quality["tokens"] > 300 and quality["float32_perplexity"] > 1
+    assert not (folder / ".float32").exists()
+    lm = CausalLM.load(folder)
+    ids = lm.tokenizer("hello world")["input_ids"]
+    out = lm.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert out.shape == (1, np.asarray(ids).shape[-1] + 6)
+
+
+def test_int8_loses_less_than_int4(exported):
+    ratio = {s: json.loads((exported("tiny-llama", quantize=s) / "edgelm.json").read_text())["validation"]["quality"]["ratio"]
+             for s in ("int8", "int4")}
+    assert abs(ratio["int8"] - 1) < 0.01, ratio
+    assert abs(ratio["int4"] - 1) > abs(ratio["int8"] - 1), ratio
+
+
+def test_tied_table_is_stored_once_and_quantized(exported):
+    """Gemma 3 ties its LM head to the embedding table: one quantized table, read by both operators."""
+    folder = exported("tiny-gemma3", quantize="int4")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and gather.input[0] in n.input]
+    assert len(heads) == 1, "the LM head does not read the embedding's quantized table"
+    vocab = json.loads((folder / "edgelm.json").read_text())["vocab_size"]
+    big_float = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims
+                 and t.dims[0] == vocab]
+    assert not big_float
+
+
+def test_dynamic_int8_keeps_matmulinteger(exported):
+    folder = exported("tiny-llama", quantize="int8-dynamic")
+    ops = _ops(folder)
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    assert json.loads((folder / "edgelm.json").read_text())["validation"]["quality"]["ratio"] > 0
+
+
+def test_quality_gate_fails_cleanly(tmp_path, checkpoint):
+    from edgelm.export import export_model
+
+    with pytest.raises(ExportError, match="max-quality-loss"):
+        export_model(checkpoint("tiny-llama"), tmp_path / "q4", quantize="int4", max_quality_loss=1e-6,
+                     log=lambda s: None)
+    assert not (tmp_path / "q4").exists() and not any(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="add --quantize"):
+        export_model(checkpoint("tiny-llama"), tmp_path / "f", quantize="none", max_quality_loss=0.1, log=lambda s: None)
+    proc = subprocess.run([sys.executable, "-m", "edgelm.cli", "export", str(checkpoint("tiny-llama")),
+                           str(tmp_path / "cli"), "--quantize", "int4", "--max-quality-loss", "0.000001"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nothing was written" in proc.stderr and not (tmp_path / "cli").exists()
