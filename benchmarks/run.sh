@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Reruns the anchor comparison of the performance issue on this machine:
-# SmolLM2-135M-Instruct exported by edgelm (fp32, int8, int4) against transformers PyTorch,
-# optimum's ORT model and onnxruntime-genai (built by its own builder from the same checkpoint).
+# Reruns the comparison behind the README's performance and quantization tables on this machine:
+# SmolLM2-135M-Instruct exported by edgelm (float32; gguf from its Q4_1 GGUF; int8; int4; int8-dynamic)
+# against transformers PyTorch, optimum's ORT model and onnxruntime-genai (built by its own builder
+# from the same checkpoint), every system with the same threads through the setting it reads.
 #
 #   benchmarks/run.sh [RUNS]        (default 5 interleaved runs; results in bench-results/)
 #
 # onnxruntime-genai's builder needs transformers 5.x, so it gets a venv of its own (.venv-genai),
-# made once. Expect ~15 minutes on a 2-core machine with 5 runs.
+# made once. Expect ~40 minutes on a 2-core machine with 5 runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-5}"
@@ -20,17 +21,20 @@ if [ ! -x .venv-genai/bin/python ]; then
         onnxruntime-genai==0.18.0 onnx onnx-ir psutil
 fi
 CKPT="$(python3 -m edgelm.cli models fetch smollm2-135m-instruct)"
-for q in fp32 int8 int4; do
+GGUF="$(dirname "$CKPT")/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+for q in fp32 gguf int8 int4 int8-dynamic; do
     dir="$MODELS/smollm2-$q"
-    if [ ! -f "$dir/edgelm.json" ]; then
-        extra=(); [ "$q" != fp32 ] && extra=(--quantize "$q")
-        python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite "${extra[@]}"
-    fi
+    [ -f "$dir/edgelm.json" ] && continue
+    case "$q" in
+        fp32) python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite ;;
+        gguf) python3 -m edgelm.cli export "$GGUF" "$dir" --overwrite --quantize gguf ;;
+        *) python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite --quantize "$q" ;;
+    esac
 done
-common=(--anchors --genai-python .venv-genai/bin/python --runs "$RUNS" --threads 2 --out "$OUT")
+common=(--anchors --genai-python .venv-genai/bin/python --runs "$RUNS" --threads 2 --out "$OUT" --checkpoint "$CKPT")
 python3 -m edgelm.cli bench "$MODELS/smollm2-fp32" "${common[@]}" --strategy greedy --strategy sample \
-    --strategy sample_full_vocab --strategy beam4 --lengths 64,512
-for q in int8 int4; do
+    --strategy sample_full_vocab --strategy beam4 --lengths 64,512 --prompt-lengths 64,512,1024,2048
+for q in gguf int8 int4 int8-dynamic; do
     python3 -m edgelm.cli bench "$MODELS/smollm2-$q" "${common[@]}" --strategy greedy \
         --reference "$MODELS/smollm2-fp32"
 done

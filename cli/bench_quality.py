@@ -1,10 +1,15 @@
-"""What quantization costs: greedy agreement with the float32 export, and perplexity on a fixed text.
+"""What quantization costs, beside the anchor's quantized build: perplexity ratio, size, greedy agreement.
 
-Both models run through edgelm's runtime, so the figures isolate the weights, not the code.
+Perplexity is computed the same way for every graph, edgelm's and onnxruntime-genai's alike:
+onnxruntime straight on the graph file, the built-in text (``edgelm/export/data/quality.txt``,
+1,452 SmolLM2 tokens of technical prose) in windows of 512 tokens, each from an empty cache.
+So the ratios of both systems are against the same float32 reference on the same tokens.
+Greedy agreement runs both edgelm models through edgelm's runtime.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +25,68 @@ PROMPTS = (
     "List of prime numbers: 2, 3, 5,",
     "Photosynthesis is the process by which",
 )
-TEXT = (
-    "The lighthouse stood at the edge of the cliff for more than a century, guiding fishing boats home through "
-    "fog and storm. Its keeper climbed the spiral stairs every evening to light the lamp, and every morning he "
-    "wrote the weather in a thick leather book: the direction of the wind, the height of the waves, the ships "
-    "that passed. When electric lamps replaced the old oil burner, the keeper was no longer needed, but the "
-    "village asked him to stay. He spent his last years teaching children to read the sky, to tell rain clouds "
-    "from harmless ones, and to respect the sea that fed the town. The book of weather is now kept in the small "
-    "museum by the harbour, where visitors can read, in careful handwriting, forty years of wind and water."
-)
 NEW_TOKENS = 32
+WINDOW = 512
+MODEL_FILES = ("model.onnx", "model.onnx.data")
 
 
-def perplexity(lm: Any, text: str = TEXT) -> float:
-    """exp(mean negative log-likelihood) of the text's tokens, from one forward pass."""
+def folder_mb(model_dir: str | Path) -> float:
+    """Size of the graph files a device must ship (model.onnx + its external data)."""
+    return sum((Path(model_dir) / f).stat().st_size for f in MODEL_FILES if (Path(model_dir) / f).is_file()) / 1e6
+
+
+def _cache_shape(model_dir: Path) -> tuple[int, int]:
+    """(KV heads, head size) of a graph folder: edgelm's manifest, or onnxruntime-genai's config."""
+    manifest = model_dir / "edgelm.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        return int(m["num_key_value_heads"]), int(m["head_dim"])
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+
+
+def graph_perplexity(model_dir: str | Path, token_ids: list[int], threads: int | None = None) -> float:
+    """exp(mean NLL) of ``token_ids`` under the causal graph in ``model_dir``, windows of 512 tokens."""
+    import onnxruntime as ort
+
     from edgelm.runtime.processors import log_softmax
 
-    ids = np.asarray([lm.tokenizer.encode(text)], np.int64)
-    cache = lm.decoder.new_cache(1)
-    logits, _ = lm.decoder.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], cache)
-    logp = log_softmax(logits[0, :-1].astype(np.float64))
-    nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]
-    return float(np.exp(nll.mean()))
+    model_dir = Path(model_dir)
+    heads, dim = _cache_shape(model_dir)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    names = {i.name: i for i in session.get_inputs()}
+    nll = []
+    for start in range(0, len(token_ids) - 1, WINDOW):
+        ids = np.asarray([token_ids[start:start + WINDOW]], np.int64)
+        if ids.shape[1] < 2:
+            break
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        for name in names:
+            if name.startswith("past_key_values."):
+                feeds[name] = np.zeros((1, heads, 0, dim), np.float32)
+        logits = session.run(["logits"], feeds)[0]
+        logp = log_softmax(logits[0, :-1].astype(np.float64))
+        nll.append(-logp[np.arange(ids.shape[1] - 1), ids[0, 1:]])
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
-def quality(model_dir: str, reference_dir: str, threads: int | None = None) -> dict[str, Any]:
+def text_ids(model_dir: str | Path) -> list[int]:
+    from edgelm.export.quant.calibrate import builtin_text
+    from edgelm.runtime.tokenizer import Tokenizer
+
+    return [int(i) for i in Tokenizer.load(Path(model_dir)).encode(builtin_text("quality.txt"))]
+
+
+def quality(model_dir: str, reference_dir: str, threads: int | None = None,
+            anchors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Greedy agreement and perplexity ratio of ``model_dir`` against the float32 ``reference_dir``;
+    ``anchors`` (system -> folder, e.g. genai's int4 build) get perplexity ratio and size too."""
     from edgelm.runtime import CausalLM
 
     lm, ref = CausalLM.load(model_dir, threads=threads), CausalLM.load(reference_dir, threads=threads)
@@ -58,21 +100,36 @@ def quality(model_dir: str, reference_dir: str, threads: int | None = None) -> d
         same += bool(equal.all())
         prefix.append(int(np.argmin(equal)) if not equal.all() else NEW_TOKENS)
         agree.append(float(equal.mean()))
-    ppl, ref_ppl = perplexity(lm), perplexity(ref)
-    return {
+    tokens = text_ids(reference_dir)
+    ref_ppl = graph_perplexity(reference_dir, tokens, threads)
+    ppl = graph_perplexity(model_dir, tokens, threads)
+    out = {
         "reference": str(reference_dir), "prompts": len(PROMPTS), "new_tokens": NEW_TOKENS,
         "identical_continuations": same, "mean_common_prefix": float(np.mean(prefix)),
-        "token_agreement": float(np.mean(agree)), "perplexity": ppl, "reference_perplexity": ref_ppl,
-        "perplexity_ratio": ppl / ref_ppl,
+        "token_agreement": float(np.mean(agree)), "text_tokens": len(tokens), "perplexity": ppl,
+        "reference_perplexity": ref_ppl, "perplexity_ratio": ppl / ref_ppl,
+        "size_mb": folder_mb(model_dir), "reference_size_mb": folder_mb(reference_dir), "anchors": {},
     }
+    for system, folder in (anchors or {}).items():
+        anchor_ppl = graph_perplexity(folder, tokens, threads)
+        out["anchors"][system] = {"perplexity": anchor_ppl, "perplexity_ratio": anchor_ppl / ref_ppl,
+                                  "size_mb": folder_mb(folder)}
+    return out
 
 
-def quality_markdown(q: dict[str, Any]) -> str:
-    return "\n".join([
-        f"Quality against {Path(q['reference']).name} (greedy, {q['prompts']} prompts x {q['new_tokens']} tokens; "
-        "perplexity on a fixed 150-word text):", "",
-        "| identical continuations | mean common prefix | token agreement | perplexity | reference perplexity | ratio |",
-        "|---|---|---|---|---|---|",
-        f"| {q['identical_continuations']}/{q['prompts']} | {q['mean_common_prefix']:.1f} | {q['token_agreement']:.0%} | "
-        f"{q['perplexity']:.2f} | {q['reference_perplexity']:.2f} | {q['perplexity_ratio']:.3f} |",
-    ])
+def quality_markdown(q: dict[str, Any], precision: str) -> str:
+    lines = [
+        f"Quality against {Path(q['reference']).name} (perplexity on the built-in text, {q['text_tokens']} tokens in "
+        f"windows of {WINDOW}, onnxruntime on each graph; greedy: {q['prompts']} prompts x {q['new_tokens']} tokens):",
+        "",
+        "| system | scheme | size MB | perplexity | ratio to float32 | identical greedy continuations | token agreement |",
+        "|---|---|---|---|---|---|---|",
+        f"| edgelm | {precision} | {q['size_mb']:.0f} | {q['perplexity']:.3f} | {q['perplexity_ratio']:.4f} | "
+        f"{q['identical_continuations']}/{q['prompts']} | {q['token_agreement']:.0%} |",
+    ]
+    for system, a in q.get("anchors", {}).items():
+        lines.append(f"| {system} | its own build | {a['size_mb']:.0f} | {a['perplexity']:.3f} | "
+                     f"{a['perplexity_ratio']:.4f} | - | - |")
+    lines.append(f"| float32 reference | - | {q['reference_size_mb']:.0f} | {q['reference_perplexity']:.3f} | 1.0000 "
+                 "| - | - |")
+    return "\n".join(lines)

@@ -190,6 +190,7 @@ def run_genai(model: str, req: dict) -> dict:
     config.overlay(json.dumps(overlay))
     t0 = time.perf_counter()
     lm = og.Model(config)
+    og.Tokenizer(lm)  # ready to generate from text, as edgelm's CausalLM.load (which loads its tokenizer) is
     load_s = time.perf_counter() - t0
     prompt = req["prompt_ids"]
     kw = dict(STRATEGIES[req["strategy"]])

@@ -301,6 +301,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--beam-new-tokens", type=int, default=64, help="tokens generated per beam/group run")
     p.add_argument("--lengths", default=None,
                    help="comma-separated new-token counts for a greedy length sweep, e.g. 64,128,256,512")
+    p.add_argument("--prompt-lengths", default=None,
+                   help="comma-separated prompt lengths for a time-to-first-token sweep (edgelm and genai), "
+                        "e.g. 64,512,1024,2048")
     p.add_argument("--runs", type=int, default=5, help="interleaved runs per system and strategy")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     p.add_argument("--assistant-model", default=None, help="draft model folder for --strategy assisted")

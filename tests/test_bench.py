@@ -64,6 +64,10 @@ class Model:
         with open(os.environ["FAKE_GENAI_LOG"], "w") as f:
             json.dump(config.overlays, f)
 
+class Tokenizer:
+    def __init__(self, model):
+        pass
+
 class GeneratorParams:
     def __init__(self, model):
         self.opts = {}
