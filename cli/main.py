@@ -79,6 +79,9 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--max-quality-loss", type=float, default=None, metavar="FRACTION",
                    help="fail (writing nothing) if the quantized export's perplexity exceeds the float32 graph's "
                         "by more than this fraction, e.g. 0.02 for 2%%")
+    p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for the tokenizer's from_pretrained, e.g. do_lower_case=false (repeatable); the "
+                        "export checks the tokenizer against transformers and its vocabulary before anything else")
     p.add_argument("--mobile", action="store_true",
                    help="also write model.ort (ORT format for ONNX Runtime Mobile, arm target) and "
                         "required_operators.config (for a reduced-size onnxruntime build)")
@@ -101,6 +104,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         import transformers  # noqa: F401
 
         from edgelm.export import export_model
+        from edgelm.export.tokenizer_check import parse_options
     except ImportError as exc:
         return _need_export_extra(exc)
     if args.static_shapes != (args.max_length is not None):
@@ -109,6 +113,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
                      quantize=args.quantize, mobile=args.mobile, fuse=args.fuse, max_quality_loss=args.max_quality_loss,
+                     tokenizer_options=parse_options(args.tokenizer_option),
                      static_max_length=args.max_length if args.static_shapes else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
@@ -158,16 +163,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
 
 # --- generate -----------------------------------------------------------------------
-def _add_generate(sub: Any) -> None:
-    p = sub.add_parser(
-        "generate", help="generate text with an exported causal LM",
-        description="Generate text from PROMPT with transformers' generation settings. Text streams to stdout as it "
-                    "is generated; --json prints token ids and texts instead. Ctrl-C stops and keeps what was made.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", help="a folder made by `edgelm export` (or `optimum-cli export onnx`)")
-    p.add_argument("prompt", help="the prompt text (a user message with --chat)")
-    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
-    p.add_argument("--system", default=None, help="system message for --chat")
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """transformers' generation settings as flags (edgelm generate and edgelm chat)."""
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--min-new-tokens", type=int, default=None, help="tokens to generate before EOS is allowed")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy search")
@@ -189,6 +186,19 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--assistant-model", default=None, help="folder of a smaller exported model for assisted decoding")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text with an exported causal LM",
+        description="Generate text from PROMPT with transformers' generation settings. Text streams to stdout as it "
+                    "is generated; --json prints token ids and texts instead. Ctrl-C stops and keeps what was made.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder made by `edgelm export` (or `optimum-cli export onnx`)")
+    p.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template as a user message")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    add_generation_args(p)
     add_session_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON object with token ids and texts")
     p.set_defaults(func=_cmd_generate)
@@ -325,6 +335,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return main_bench(args)
 
 
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser(
+        "verify", help="check an export against the transformers model it was made from, strategy by strategy",
+        description="Run built-in prompts (or --prompts FILE) through the export (edgelm's runtime) and through the "
+                    "source model (transformers) and compare: greedy alone and in a left-padded batch, beam search "
+                    "with num_return_sequences, diverse beam search, contrastive search, repetition penalty + "
+                    "no-repeat n-grams token for token with their scores, and sampling settings by their processed "
+                    "scores. Masked LMs: fill-mask candidates against transformers' pipeline. Quantized exports: "
+                    "top-1 agreement and perplexity ratio. Exit 0 when everything matches, 1 when anything differs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="a folder made by `edgelm export`")
+    p.add_argument("--reference", default=None,
+                   help="what the export was made from: a transformers checkpoint folder or a .gguf file "
+                        "(default: the source recorded in edgelm.json)")
+    p.add_argument("--prompts", default=None, help="a text file of prompts, one per line (default: built-in ones)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        from edgelm.cli.verify import main_verify
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main_verify(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.")
@@ -332,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_models(sub)
     _add_generate(sub)
+    from edgelm.cli.chat import add_chat
+
+    add_chat(sub)
     _add_fill_mask(sub)
     _add_bench(sub)
+    _add_verify(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -106,6 +107,7 @@ def export_model(
     static_max_length: int | None = None,
     fuse: bool | None = None,
     max_quality_loss: float | None = None,
+    tokenizer_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
@@ -120,6 +122,9 @@ def export_model(
     against it (perplexity ratio on a built-in text, in the manifest), and ``max_quality_loss``
     (e.g. 0.02 for 2%) stops the export, writing nothing, when the ratio exceeds 1 + that.
 
+    ``tokenizer_options``: keyword arguments for the tokenizer's ``from_pretrained`` (e.g.
+    ``{"do_lower_case": False}``); the tokenizer is checked against transformers before anything else.
+
     ``fuse`` (default: on, except with ``mobile``) fuses Llama-family attention into onnxruntime's
     contrib operators. ORT-format files are only read by onnxruntime releases at least as new as
     the converter, and contrib operators gain attributes between releases (a 1.32 ``.ort`` with
@@ -128,7 +133,7 @@ def export_model(
     """
     try:
         return _export(source, output_dir, task, overwrite, opset, resolve_quantize(quantize, source), mobile,
-                       static_max_length, fuse, max_quality_loss, log)
+                       static_max_length, fuse, max_quality_loss, tokenizer_options, log)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise ExportError(
@@ -139,7 +144,8 @@ def export_model(
 
 def _export(source: str | Path, output_dir: str | Path, task: str | None, overwrite: bool, opset: int,
             quantize: str | None, mobile: bool, static_max_length: int | None, fuse: bool | None,
-            max_quality_loss: float | None, log: Callable[[str], None]) -> Manifest:
+            max_quality_loss: float | None, tokenizer_options: dict[str, Any] | None,
+            log: Callable[[str], None]) -> Manifest:
     from edgelm.export import quant
     from edgelm.export.source import load_source
 
@@ -161,7 +167,11 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
     if fuse is None:
         fuse = not mobile
     log(f"[1/4] loading {source}")
-    src = load_source(source, task)
+    src = load_source(source, task, tokenizer_options, log)
+    check = src.tokenizer_report
+    log(f"      tokenizer: {check['text_lines_equal']}/{check['text_lines']} sample lines encode as in transformers; "
+        f"{check['vocab_round_trip']:.0%} of {check['vocab_tokens_tried']} vocabulary tokens encode back to "
+        f"themselves, {check['vocab_unknown']:.1%} to the unknown token")
     config = src.config
     if static_max_length is not None:
         if src.task != "causal-lm":
@@ -213,6 +223,14 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         else:
             report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
         log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
+        # What the rest needs of the PyTorch model, then the model itself goes: the quantizer and the quality
+        # check hold graphs of their own, and the float32 weights need not stay in memory beside them.
+        vocab_size = int(src.model.get_output_embeddings().weight.shape[0])
+        architecture = (config.architectures or [type(src.model).__name__])[0]
+        generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
+        special = _special_ids(src)
+        src.model = None
+        gc.collect()
         quant_report = None
         float_dir = tmp / FLOAT_DIR
         if quantize:
@@ -228,8 +246,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
 
             calibration = src.tokenizer(builtin_text("calibration.txt"))["input_ids"]
             ctx = quant.Context(gguf_file=Path(source) if src.gguf_file else None, calibration_ids=list(calibration),
-                                vocab_size=int(src.model.get_output_embeddings().weight.shape[0])
-                                if src.task == "causal-lm" else None,
+                                vocab_size=vocab_size if src.task == "causal-lm" else None,
                                 max_positions=getattr(config, "max_position_embeddings", None), log=log)
             quant_report = quant.quantize_file(float_dir / MODEL_FILE, tmp / MODEL_FILE, quantize, ctx)
             log(f"      {_weights_line(quant_report)}")
@@ -249,17 +266,17 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError("the tokenizer did not save a tokenizer.json, which the runtime needs")
         config.save_pretrained(tmp)
-        if src.task == "causal-lm" and getattr(src.model, "generation_config", None) is not None:
-            src.model.generation_config.save_pretrained(tmp)
-        eos, pad, bos = _special_ids(src)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        eos, pad, bos = special
         manifest = Manifest(
             task=src.task,
-            architecture=(config.architectures or [type(src.model).__name__])[0],
+            architecture=architecture,
             model_type=config.model_type,
             model_file=MODEL_FILE,
             inputs=inputs,
             outputs=outputs,
-            vocab_size=int(src.model.get_output_embeddings().weight.shape[0]),
+            vocab_size=vocab_size,
             hidden_size=int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0) or getattr(config, "n_embd", 0)),
             num_attention_heads=int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_heads", 0)
                                     or getattr(config, "n_head", 0)),
@@ -272,6 +289,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             validation=report,
             dtype="float32" if not quantize else f"{quantize} weights, float32 activations",
         )
+        manifest.validation["tokenizer"] = src.tokenizer_report
         if quant_report:
             manifest.validation["quantization"] = quant_report
         if graph_report:

@@ -18,15 +18,32 @@ from edgelm.export.quant.calibrate import builtin_text
 
 WINDOW = 512
 TEXT = "quality.txt"
+LOGITS_BUDGET = 1 << 27
+"""Logits values one window may hold (512 MB of float32): a 262k-token vocabulary gets shorter windows."""
+
+
+def _window(vocab: int) -> int:
+    return max(64, min(WINDOW, LOGITS_BUDGET // max(vocab, 1)))
+
+
+def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] row by row in float64, 64 rows at a time (no full float64 copy)."""
+    from edgelm.runtime.processors import log_softmax
+
+    out = np.empty(len(targets))
+    for start in range(0, len(targets), 64):
+        logp = log_softmax(logits[start:start + 64].astype(np.float64))
+        out[start:start + 64] = -logp[np.arange(logp.shape[0]), targets[start:start + 64]]
+    return out
 
 
 def _causal_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int]) -> np.ndarray:
     from edgelm.runtime.decoder import Decoder, StaticDecoder
-    from edgelm.runtime.processors import log_softmax
 
     make = StaticDecoder if manifest.static_max_length else Decoder
     decoder = make(model_dir, manifest, model_file=model_file)
-    window = min(WINDOW, (manifest.static_max_length or WINDOW) - 1, (manifest.max_position_embeddings or WINDOW) - 1)
+    window = min(_window(manifest.vocab_size), (manifest.static_max_length or WINDOW) - 1,
+                 (manifest.max_position_embeddings or WINDOW) - 1)
     nll = []
     for start in range(0, len(ids) - 1, window):
         chunk = np.asarray([ids[start:start + window]], np.int64)
@@ -34,13 +51,12 @@ def _causal_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int])
             break
         cache = decoder.new_cache(1, chunk.shape[1])
         logits, _ = decoder.step(chunk, np.ones_like(chunk), np.arange(chunk.shape[1])[None], cache)
-        logp = log_softmax(logits[0, :-1].astype(np.float64))
-        nll.append(-logp[np.arange(chunk.shape[1] - 1), chunk[0, 1:]])
+        nll.append(_nll_rows(logits[0, :-1], chunk[0, 1:]))
+        del logits
     return np.concatenate(nll)
 
 
 def _masked_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int], mask_id: int) -> np.ndarray:
-    from edgelm.runtime.processors import log_softmax
     from edgelm.runtime.session import create_session
 
     session = create_session(model_dir / model_file, "cpu", None, "all")
@@ -57,8 +73,7 @@ def _masked_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int],
             continue
         masked[0, positions] = mask_id
         logits = session.run(["logits"], {**feeds, "input_ids": masked})[0]
-        logp = log_softmax(logits[0, positions].astype(np.float64))
-        nll.append(-logp[np.arange(len(positions)), row[0, positions]])
+        nll.append(_nll_rows(logits[0, positions], row[0, positions]))
     return np.concatenate(nll)
 
 
@@ -79,8 +94,12 @@ def perplexity(model_dir: Path, manifest: Any, model_file: str, text: str | None
 
 
 def compare(model_dir: Path, manifest: Any, float_file: str, text: str | None = None) -> dict[str, Any]:
-    """Perplexity of the folder's graph and of its float32 graph ``float_file``, and their ratio."""
+    """Perplexity of the folder's graph and of its float32 graph ``float_file``, and their ratio (one graph in
+    memory at a time)."""
+    import gc
+
     quantized, tokens = perplexity(model_dir, manifest, manifest.model_file, text)
+    gc.collect()
     reference, _ = perplexity(model_dir, manifest, float_file, text)
     return {
         "text": "built-in (edgelm/export/data/quality.txt)" if text is None else "given",

@@ -30,6 +30,7 @@ class Source:
     model: Any
     tokenizer: Any
     config: Any
+    tokenizer_report: dict | None = None
 
 
 def _check_path(path: Path) -> tuple[Path, str | None]:
@@ -62,8 +63,14 @@ def detect_task(config: Any) -> str:
     raise ExportError(f"cannot tell the task of model type {config.model_type!r}; pass --task causal-lm or masked-lm")
 
 
-def load_source(source: str | Path, task: str | None = None) -> Source:
-    """Load model and tokenizer in float32 with eager attention (the exporter traces it)."""
+def load_source(source: str | Path, task: str | None = None, tokenizer_options: dict[str, Any] | None = None,
+                log: Any = print) -> Source:
+    """Load model and tokenizer in float32 with eager attention (the exporter traces it).
+
+    The tokenizer is checked first (``tokenizer_check``): a vocabulary the tokenizer cannot produce
+    stops the export before the model is even loaded.
+    """
+    from edgelm.export import tokenizer_check
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path, gguf = _check_path(Path(source))
@@ -79,21 +86,29 @@ def load_source(source: str | Path, task: str | None = None) -> Source:
     table = CAUSAL_TYPES if task == "causal-lm" else MASKED_TYPES
     if config.model_type not in table:
         raise ExportError(f"model type {config.model_type!r} is not supported for {task}; supported: {supported_text()}")
+    options = dict(tokenizer_options or {})
+
+    def load_tokenizer(opts: dict[str, Any]) -> Any:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **kwargs, **opts)
+        except Exception as exc:
+            raise ExportError(f"cannot load the tokenizer of {source}: {str(exc).splitlines()[0]}") from exc
+        if not getattr(tok, "is_fast", False):
+            raise ExportError(f"the tokenizer of {source} has no fast (tokenizer.json) form, which the runtime needs")
+        if gguf and task == "causal-lm" and config.eos_token_id is not None \
+                and tok.eos_token_id != _first(config.eos_token_id):
+            # The GGUF reader can pick a different EOS for the tokenizer than the model's config.
+            tok.eos_token = tok.convert_ids_to_tokens(_first(config.eos_token_id))
+        return tok
+
+    tokenizer, report = tokenizer_check.check(load_tokenizer(options), options, load_tokenizer, log)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForMaskedLM
     try:
         model = auto.from_pretrained(path, torch_dtype="float32", attn_implementation="eager", **kwargs).eval()
     except Exception as exc:
         raise ExportError(f"cannot load the weights of {source}: {str(exc).splitlines()[0]}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except Exception as exc:
-        raise ExportError(f"cannot load the tokenizer of {source}: {str(exc).splitlines()[0]}") from exc
-    if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"the tokenizer of {source} has no fast (tokenizer.json) form, which the runtime needs")
-    if gguf and task == "causal-lm" and tokenizer.eos_token_id != _first(config.eos_token_id) and config.eos_token_id is not None:
-        # The GGUF reader can pick a different EOS for the tokenizer than the model's config.
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(_first(config.eos_token_id))
-    return Source(path=path, gguf_file=gguf, task=task, model=model, tokenizer=tokenizer, config=model.config)
+    return Source(path=path, gguf_file=gguf, task=task, model=model, tokenizer=tokenizer, config=model.config,
+                  tokenizer_report=report)
 
 
 def _first(value: Any) -> Any:

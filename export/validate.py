@@ -17,6 +17,11 @@ from edgelm.runtime.errors import ExportError
 
 LOGITS_ATOL = 1e-3
 """float32 logits of a correct export differ by ~1e-4 on SmolLM2; a real error is far above 1e-3."""
+LOGITS_RTOL = 5e-5
+"""Larger models accumulate more float32 rounding (Qwen2.5 0.5B: 8.7e-4 while its greedy scores differ by 9e-5):
+the logits limit is the larger of LOGITS_ATOL and this share of the logits' spread (max - min over the checked
+positions), so it grows with the model's scale. A wrong graph (a broken rotary setting, another model's weights) is
+off by whole units, and also fails the top-1 check."""
 STATE_RTOL = 1e-3
 """Hidden and cache states: relative to the tensor's largest magnitude (tiny random models have large ones)."""
 
@@ -42,6 +47,25 @@ class _Stats:
         self.logits = 0.0
         self.hidden = 0.0
         self.present = 0.0
+        self.spread = 0.0
+        self.top1: list[tuple[bool, float]] = []
+        """(ONNX argmax == PyTorch argmax, PyTorch's top-2 margin) per checked position."""
+
+    def compare_logits(self, got: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> None:
+        self.logits = max(self.logits, float(np.abs(got - ref)[valid].max()))
+        rows_got, rows_ref = got[valid], ref[valid]
+        self.spread = max(self.spread, float((rows_ref.max(-1) - rows_ref.min(-1)).max()))
+        top2 = np.sort(rows_ref, axis=-1)[:, -2:]
+        same = rows_got.argmax(-1) == rows_ref.argmax(-1)
+        self.top1.extend(zip(same.tolist(), (top2[:, 1] - top2[:, 0]).tolist()))
+
+    def logits_report(self) -> dict[str, Any]:
+        tol = max(LOGITS_ATOL, LOGITS_RTOL * self.spread)
+        decided = [same for same, margin in self.top1 if margin > 2 * tol]  # near-ties may flip either way
+        return {"max_abs_diff_logits": self.logits, "logits_atol": round(tol, 6), "logits_spread": round(self.spread, 3),
+                "logits_margin_used": round(self.logits / tol, 3),
+                "top1_agreement": round(sum(decided) / len(decided), 4) if decided else 1.0,
+                "top1_positions": len(decided)}
 
     def rel(self, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> float:
         scale = max(1.0, float(np.abs(ref[valid]).max()) if valid.any() else 1.0)
@@ -99,7 +123,7 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
         got = dict(zip(names, outs))
         query_valid = full_mask[:, -new:].astype(bool)
         ref_logits = ref.logits.numpy()
-        stats.logits = max(stats.logits, float(np.abs(got["logits"] - ref_logits)[query_valid].max()))
+        stats.compare_logits(got["logits"], ref_logits, query_valid)
         stats.hidden = max(stats.hidden, stats.rel(got["last_hidden_state"], ref.hidden_states[-1].numpy(), query_valid))
         key_valid = full_mask.astype(bool)[:, None, :, None]
         for i, layer in enumerate(cache.layers):
@@ -115,10 +139,9 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
         "steps": [s for s, _ in steps],
         "batch": batch,
         "chunk_batch": chunk_batch or batch,
-        "max_abs_diff_logits": stats.logits,
+        **stats.logits_report(),
         "max_rel_diff_last_hidden_state": stats.hidden,
         "max_rel_diff_present": stats.present,
-        "logits_atol": LOGITS_ATOL,
         "state_rtol": STATE_RTOL,
     }
     _judge(report, stats.logits, max(stats.hidden, stats.present))
@@ -139,18 +162,20 @@ def validate_masked(model: Any, tokenizer: Any, onnx_path: Path, input_names: li
     with torch.no_grad():
         ref = model(**{n: torch.from_numpy(v) for n, v in feeds.items()}).logits.numpy()
     got = sess.run(["logits"], feeds)[0]
-    valid = enc["attention_mask"].astype(bool)
-    diff = float(np.abs(got - ref)[valid].max())
-    report = {"batch": 2, "max_abs_diff_logits": diff, "logits_atol": LOGITS_ATOL}
-    _judge(report, diff, 0.0)
+    stats = _Stats()
+    stats.compare_logits(got, ref, enc["attention_mask"].astype(bool))
+    report = {"batch": 2, **stats.logits_report()}
+    _judge(report, stats.logits, 0.0)
     return report
 
 
 def _judge(report: dict[str, Any], logits_diff: float, state_diff: float) -> None:
-    ok = logits_diff <= LOGITS_ATOL and state_diff <= STATE_RTOL
+    tol = report["logits_atol"]
+    ok = logits_diff <= tol and state_diff <= STATE_RTOL and report["top1_agreement"] == 1.0
     report["passed"] = bool(ok)
     if not ok:
         raise ExportError(
-            f"validation failed: ONNX Runtime differs from PyTorch (logits max abs diff {logits_diff:.3g}, "
-            f"limit {LOGITS_ATOL}; states max rel diff {state_diff:.3g}, limit {STATE_RTOL}); nothing was written"
-        )
+            f"validation failed: ONNX Runtime differs from PyTorch (logits max abs diff {logits_diff:.3g}, limit "
+            f"{tol:.3g} for a logits spread of {report['logits_spread']:.1f}; top-1 agreement "
+            f"{report['top1_agreement']:.1%} over {report['top1_positions']} positions; states max rel diff "
+            f"{state_diff:.3g}, limit {STATE_RTOL}); nothing was written")

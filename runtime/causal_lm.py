@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from edgelm.runtime.generate import GenerateOutput, generate
 from edgelm.runtime.manifest import Manifest, read_manifest, resolve_model_file
 from edgelm.runtime.session import ProviderSpec
 from edgelm.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from edgelm.runtime.conversation import Conversation
 
 
 class CausalLM:
@@ -73,6 +76,16 @@ class CausalLM:
                  streamer: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
         """transformers' ``generate`` on numpy: returns (batch * num_return_sequences, length) ids, prompt included."""
         return generate(self, input_ids, attention_mask, generation_config, streamer, **kwargs)
+
+    def conversation(self, system: str | None = None, context_policy: str = "error") -> "Conversation":
+        """A chat that keeps its KV cache between turns (see ``Conversation``): ``conv.send(text, **generate_kwargs)``.
+
+        ``context_policy``: "error" (default) refuses a history past the model's context and says what to do;
+        "drop_oldest" drops whole early turns (the system message stays) and re-primes the cache.
+        """
+        from edgelm.runtime.conversation import Conversation
+
+        return Conversation(self, system=system, context_policy=context_policy)
 
     def encode_prompts(self, prompts: str | Sequence[str] | list[dict], chat: bool = False) -> dict[str, np.ndarray]:
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], dict):

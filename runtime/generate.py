@@ -113,14 +113,35 @@ def prepare_config(base: GenerationConfig, generation_config: GenerationConfig |
     return cfg
 
 
+def check_past(past_key_values: Any, ids: np.ndarray, mask: np.ndarray, mode: str) -> None:
+    """A kept cache must hold a strict prefix of one unpadded row's prompt, for a strategy that can start from it."""
+    if past_key_values is None:
+        return
+    if ids.shape[0] != 1 or past_key_values.batch != 1 or not mask.all():
+        raise InputError("past_key_values (a kept cache) works with one unpadded prompt (batch 1)")
+    if past_key_values.length >= ids.shape[1]:
+        raise InputError(f"the kept cache holds {past_key_values.length} tokens but the prompt has {ids.shape[1]}: at "
+                         "least the last prompt token must be new (crop the cache first)")
+    if mode == modes.CONTRASTIVE_SEARCH:
+        raise UnsupportedError("contrastive search needs the hidden states of the whole context, which a kept cache "
+                               "does not have; run it without past_key_values")
+
+
 def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
              streamer: Any = None, seed: int | None = None, generator: np.random.Generator | None = None,
-             assistant_model: Any = None, **kwargs: Any) -> np.ndarray | GenerateOutput:
+             assistant_model: Any = None, past_key_values: Any = None, stopping_criteria: Any = None,
+             **kwargs: Any) -> np.ndarray | GenerateOutput:
+    """transformers' ``generate``. ``past_key_values``: a cache (from ``lm.decoder.new_cache(1)``) holding the first
+    ``past_key_values.length`` prompt tokens, as transformers takes one: only the rest is prefilled, and the cache
+    is updated in place (``Conversation`` keeps one between turns). ``stopping_criteria``: extra callables
+    ``(input_ids, scores) -> bool or (batch,) bools`` checked after every token with the built-in ones, as
+    transformers' argument of that name (e.g. a user pressing Stop)."""
     ids = check_input_ids(input_ids, lm.vocab_size)
     cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs, lm.vocab_size)
     mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None
             else default_attention_mask(ids, cfg))
     mode = cfg.generation_mode(assistant_model)
+    check_past(past_key_values, ids, mask, mode)
     if lm.decoder.static and mode not in (modes.GREEDY, modes.SAMPLE, modes.ASSISTED):
         raise UnsupportedError(
             f"{mode} needs a cache that changes batch size, which a static-shape export cannot; use greedy or sampling "
@@ -139,12 +160,16 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
         mask = np.repeat(mask, cfg.num_return_sequences, axis=0)
     processors = build_processors(cfg, ids.shape[1], lm.vocab_size)
     stopping = build_stopping(cfg, ids.shape[1], lm.tokenizer)
+    for crit in stopping_criteria or ():
+        if not callable(crit):
+            raise GenerationConfigError(f"stopping_criteria holds {crit!r}, which is not callable (input_ids, scores)")
+        stopping.append(crit)
 
     if mode in (modes.BEAM_SEARCH, modes.BEAM_SAMPLE, modes.GROUP_BEAM_SEARCH):
         from edgelm.runtime.strategies import beam_search, group_beam_search
 
         state = DecodeState(lm.decoder, np.repeat(ids, cfg.num_beams, axis=0), np.repeat(mask, cfg.num_beams, axis=0),
-                            cfg.max_length, cfg.output_scores, cfg.output_logits)
+                            cfg.max_length, cfg.output_scores, cfg.output_logits, cache=past_key_values)
         if mode == modes.GROUP_BEAM_SEARCH:
             result = group_beam_search.run(state, cfg, processors, stopping, ids.shape[0])
         else:
@@ -164,7 +189,8 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
         raise UnsupportedError(
             "contrastive search needs the model's last_hidden_state output, which this graph lacks (an optimum "
             "export?); re-export the model with `edgelm export`")
-    state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits, want_hidden)
+    state = DecodeState(lm.decoder, ids, mask, cfg.max_length, cfg.output_scores, cfg.output_logits, want_hidden,
+                        cache=past_key_values)
     if mode == modes.ASSISTED:
         from edgelm.runtime.strategies import assisted
 

@@ -14,7 +14,10 @@ from edgelm.runtime.decoder import Decoder
 
 class DecodeState:
     def __init__(self, decoder: Decoder, input_ids: np.ndarray, attention_mask: np.ndarray, max_length: int,
-                 output_scores: bool = False, output_logits: bool = False, want_hidden: bool = False):
+                 output_scores: bool = False, output_logits: bool = False, want_hidden: bool = False,
+                 cache=None):
+        """``cache``: a cache already holding the first ``cache.length`` tokens of ``input_ids`` (a conversation's
+        earlier turns); the prefill then runs only the rest. It is updated in place."""
         self.decoder = decoder
         batch, length = input_ids.shape
         cap = max(max_length, length + 1)
@@ -25,7 +28,11 @@ class DecodeState:
         self.cur = length
         self.prompt_length = length
         self._real = attention_mask.sum(axis=1).astype(np.int64)  # real (unmasked) tokens per row so far
-        self.cache = decoder.new_cache(batch, capacity=cap)
+        if cache is None:
+            cache = decoder.new_cache(batch, capacity=cap)
+        elif cache.batch != batch:  # one cached prompt, several rows (beams): every row starts from it
+            cache.reorder(np.zeros(batch, dtype=np.int64))
+        self.cache = cache
         self.output_scores = output_scores
         self.output_logits = output_logits
         self.want_hidden = want_hidden
@@ -72,7 +79,8 @@ class DecodeState:
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def prefill(self) -> np.ndarray:
-        return self.forward(self.cur)[:, -1, :]
+        """Run the prompt's tokens that the cache does not hold yet; logits of the last one."""
+        return self.forward(self.cur - self.cache.length)[:, -1, :]
 
     def forward_last(self) -> np.ndarray:
         return self.forward(1)[:, -1, :]

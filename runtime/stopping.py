@@ -72,7 +72,7 @@ class StoppingCriteriaList(list):
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
         done = np.zeros(input_ids.shape[0], dtype=bool)
         for crit in self:
-            done |= crit(input_ids, scores)
+            done |= np.asarray(crit(input_ids, scores), dtype=bool)
         return done
 
     @property

@@ -8,6 +8,8 @@ reproduced here so ids and texts match transformers' exactly.
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from datetime import datetime
 from pathlib import Path
@@ -123,7 +125,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise InputError(f"text must be a string, got {type(text).__name__}")
         _check_unicode(text)
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        self._warn_unknown([ids])
+        return ids
 
     def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True, padding_side: str = "left",
                  return_token_type_ids: bool = False) -> dict[str, np.ndarray]:
@@ -135,8 +139,25 @@ class Tokenizer:
         for text in texts:
             _check_unicode(text)
         encs = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        self._warn_unknown([e.ids for e in encs])
         return self.pad([e.ids for e in encs], padding_side,
                         [e.type_ids for e in encs] if return_token_type_ids else None)
+
+    def _warn_unknown(self, rows: list[list[int]]) -> None:
+        """Warn when most tokens of a text are the unknown token: the model would read nothing of it (a tokenizer that
+        lower-cases an upper-case vocabulary, text in a script the vocabulary lacks)."""
+        unk = self.unk_token_id
+        if unk is None:
+            return
+        special = set(self._special_ids) - {unk}
+        for ids in rows:
+            real = [i for i in ids if i not in special]
+            unknown = sum(1 for i in real if i == unk)
+            if len(real) >= 2 and unknown * 2 > len(real):
+                warnings.warn(f"{unknown} of the {len(real)} tokens of the input are the unknown token "
+                              f"{self.unk_token!r}: the model cannot read this text (check its case and script, or "
+                              "re-export with the right --tokenizer-option)", UserWarning, stacklevel=3)
+                return
 
     def pad(self, rows: list[list[int]], padding_side: str = "left",
             type_rows: list[list[int]] | None = None) -> dict[str, np.ndarray]:

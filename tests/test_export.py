@@ -173,9 +173,32 @@ def test_failed_validation_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     from edgelm.export import api, validate
 
     monkeypatch.setattr(validate, "LOGITS_ATOL", -1.0)
+    monkeypatch.setattr(validate, "LOGITS_RTOL", -1.0)
     with pytest.raises(ExportError, match="validation failed"):
         api.export_model(checkpoint("tiny-llama"), tmp_path / "out", log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_broken_rotary_fails_validation(tmp_path, checkpoint, monkeypatch):
+    """The tolerance grows with the logits' spread, but a wrong graph (rotary tables one position off) still fails,
+    on the values and on top-1 agreement; a correct export reports how much of the limit it used."""
+    import torch
+
+    from edgelm.export import api, fused
+
+    ok = api.export_model(checkpoint("tiny-llama"), tmp_path / "ok", log=lambda s: None).validation
+    assert ok["passed"] and ok["top1_agreement"] == 1.0 and ok["top1_positions"] > 0
+    assert 0 <= ok["logits_margin_used"] < 0.5 and ok["logits_atol"] >= 1e-3
+    real = fused.rotary_tables
+
+    def shifted(model):
+        cos, sin = real(model)
+        return torch.roll(cos, 1, dims=0), torch.roll(sin, 1, dims=0)
+
+    monkeypatch.setattr(fused, "rotary_tables", shifted)
+    with pytest.raises(ExportError, match="validation failed.*top-1 agreement"):
+        api.export_model(checkpoint("tiny-llama"), tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_export_help_explains_options():

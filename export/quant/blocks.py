@@ -22,6 +22,50 @@ import numpy as np
 
 
 @dataclass
+class Factored:
+    """A per-block float32 array stored the compact way GGUF stores it, rebuilt exactly when the session loads.
+
+    value = coef * scales + sign * (outer repeated over ``per`` blocks) * inner, where ``outer`` holds
+    float16-exact values (a K-quant super-block's d or dmin) and ``inner`` small integers (its 6-bit
+    sub-block scales or mins); ``inner`` None means the term is ``outer`` itself (one per block). The
+    graph computes it with the same float32 operations in the same order, so the rebuilt values are
+    bit-identical to ``values()`` here, which the rewrite checks against the decoded array.
+    """
+
+    outer: np.ndarray
+    """(N, blocks // per) float32, float16-exact."""
+    inner: np.ndarray | None
+    """(N, blocks) integers in int8 or uint8 range, or None."""
+    per: int = 1
+    sign: float = 1.0
+    coef: float = 0.0
+
+    def term(self) -> np.ndarray:
+        outer = np.repeat(self.outer.astype(np.float32), self.per, axis=1)
+        return outer if self.inner is None else outer * self.inner.astype(np.float32)
+
+    def values(self, scales: np.ndarray | None = None) -> np.ndarray:
+        term = self.term() if self.sign > 0 else -self.term()
+        if not self.coef:
+            return term
+        return np.float32(self.coef) * scales + term
+
+    def rows(self, rows: np.ndarray) -> "Factored":
+        return Factored(self.outer[rows], None if self.inner is None else self.inner[rows], self.per, self.sign,
+                        self.coef)
+
+    @staticmethod
+    def stack(items: list["Factored | None"]) -> "Factored | None":
+        first = items[0]
+        if first is None or any(f is None or (f.inner is None) != (first.inner is None) or
+                                (f.per, f.sign, f.coef) != (first.per, first.sign, first.coef) for f in items):
+            return None
+        return Factored(np.concatenate([f.outer for f in items]),
+                        None if first.inner is None else np.concatenate([f.inner for f in items]),
+                        first.per, first.sign, first.coef)
+
+
+@dataclass
 class BlockQuant:
     q: np.ndarray
     """(N, K) uint8 codes, one per weight, in [0, 2**bits)."""
@@ -37,6 +81,9 @@ class BlockQuant:
     """Where it came from, for reports: "Q4_1", "int4 (searched)", ..."""
     exact_of: list[str] = field(default_factory=list)
     """Names of the source tensors whose values this holds exactly (GGUF carry-over), for reports."""
+    scale_factors: Factored | None = None
+    offset_factors: Factored | None = None
+    """How GGUF stores ``scales`` / ``offsets`` compactly (K-quants, Q4_1); None: stored as float16 or float32."""
 
     def __post_init__(self) -> None:
         n, k = self.q.shape
@@ -124,6 +171,14 @@ class BlockQuant:
         return BlockQuant(self.q, self.scales, self.bits, self.block, zp, self.offsets, self.source,
                           list(self.exact_of))
 
+    def take_rows(self, rows: np.ndarray) -> "BlockQuant":
+        """The rows ``rows`` of this matrix (a GGUF tensor's rows in the order a graph matrix holds them)."""
+        pick = (lambda a: None if a is None else a[rows])
+        return BlockQuant(self.q[rows], self.scales[rows], self.bits, self.block, pick(self.zero_points),
+                          pick(self.offsets), self.source, list(self.exact_of),
+                          None if self.scale_factors is None else self.scale_factors.rows(rows),
+                          None if self.offset_factors is None else self.offset_factors.rows(rows))
+
     def nbytes(self) -> int:
         """Bytes the graph stores for this matrix."""
         size = self.q.size * self.bits // 8 + self.scales.nbytes
@@ -178,4 +233,6 @@ def concat_rows(parts: list[BlockQuant]) -> BlockQuant:
     sources = sorted({p.source for p in parts})
     return BlockQuant(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]), first.bits,
                       first.block, cat("zero_points"), cat("offsets"), "+".join(sources),
-                      [name for p in parts for name in p.exact_of])
+                      [name for p in parts for name in p.exact_of],
+                      Factored.stack([p.scale_factors for p in parts]),
+                      Factored.stack([p.offset_factors for p in parts]) if first.offsets is not None else None)

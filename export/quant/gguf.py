@@ -119,7 +119,7 @@ class GGUFScheme:
             while end < n and owners[end] == owners[start]:
                 end += 1
             whole = self._decode(int(owners[start]))
-            parts.append(_take_rows(whole, rows[start:end]))
+            parts.append(whole.take_rows(rows[start:end]))
             start = end
         self._check(w, parts, name)
         return parts
@@ -130,7 +130,7 @@ class GGUFScheme:
             n = part.shape[0]
             for lo in range(0, n, CHUNK_ROWS):
                 hi = min(n, lo + CHUNK_ROWS)
-                sub = _take_rows(part, np.arange(lo, hi))
+                sub = part.take_rows(np.arange(lo, hi))
                 ref = w[start + lo:start + hi]
                 scale = max(float(np.abs(ref).max()), 1e-30)
                 rel = float(np.abs(sub.dequantize() - ref).max()) / scale
@@ -142,8 +142,3 @@ class GGUFScheme:
                         "--quantize int8 exports the model without it")
             start += n
 
-
-def _take_rows(part: BlockQuant, rows: np.ndarray) -> BlockQuant:
-    pick = (lambda a: None if a is None else a[rows])
-    return BlockQuant(part.q[rows], part.scales[rows], part.bits, part.block, pick(part.zero_points),
-                      pick(part.offsets), part.source, list(part.exact_of))

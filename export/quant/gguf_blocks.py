@@ -25,7 +25,9 @@ Q5_K        d*sc * q - dmin*m (32s)     8 bits, block 32, code q + 128, offset -
 Q6_K        d*sc * (q - 32) (16s)       8 bits, block 16, code q + 96
 ==========  ==========================  =====================================
 
-Five-bit formats take 8-bit codes (MatMulNBits holds 2, 4 or 8 bits): exact, but larger than
+K-quant scales and mins are kept as GGUF keeps them (an fp16 super-block scale times small integer
+sub-block scales: ``blocks.Factored``) and multiplied out, bit for bit, when the session loads;
+Q4_1's offset likewise from its fp16 min. Five-bit formats take 8-bit codes (MatMulNBits holds 2, 4 or 8 bits): exact, but larger than
 the GGUF (9 bits a weight for Q5_0 instead of 5.5). The layouts follow ggml's
 ``ggml-common.h`` block structs, as the ``gguf`` package's reference decoders read them.
 """
@@ -36,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgelm.export.quant.blocks import BlockQuant
+from edgelm.export.quant.blocks import BlockQuant, Factored
 
 QK_K = 256
 
@@ -59,29 +61,29 @@ def _q5_high_bits(qh: np.ndarray) -> np.ndarray:
 
 def _q4_0(b: np.ndarray):
     d, qs = b[:, :2], b[:, 2:]
-    return _nibbles(qs), _f16(d), None, 4, 32
+    return _nibbles(qs), _f16(d), None, 4, 32, {}
 
 
 def _q4_1(b: np.ndarray):
     d, m, qs = _f16(b[:, :2]), _f16(b[:, 2:4]), b[:, 4:]
-    return _nibbles(qs), d, m + np.float32(8) * d, 4, 32
+    return _nibbles(qs), d, m + np.float32(8) * d, 4, 32, {"offset": (m, None, 1, 1.0, 8.0)}
 
 
 def _q5_0(b: np.ndarray):
     d, qh, qs = _f16(b[:, :2]), b[:, 2:6], b[:, 6:]
     q = _nibbles(qs) | (_q5_high_bits(qh) << np.uint8(4))
-    return q + np.uint8(112), d, None, 8, 32
+    return q + np.uint8(112), d, None, 8, 32, {}
 
 
 def _q5_1(b: np.ndarray):
     d, m, qh, qs = _f16(b[:, :2]), _f16(b[:, 2:4]), b[:, 4:8], b[:, 8:]
     q = _nibbles(qs) | (_q5_high_bits(qh) << np.uint8(4))
-    return q + np.uint8(128), d, m, 8, 32
+    return q + np.uint8(128), d, m, 8, 32, {}
 
 
 def _q8_0(b: np.ndarray):
     d, qs = _f16(b[:, :2]), b[:, 2:]
-    return qs ^ np.uint8(0x80), d, None, 8, 32
+    return qs ^ np.uint8(0x80), d, None, 8, 32, {}
 
 
 def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +103,7 @@ def _q4_k(b: np.ndarray):
     # 32-byte chunks: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
     chunks = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (chunks & np.uint8(0x0F)).reshape(n, QK_K)
-    return q, scale, np.float32(8) * scale - dmin * mn, 4, 32
+    return q, scale, np.float32(8) * scale - dmin * mn, 4, 32, {"scale": (d, sc, 8), "offset": (dmin, mn, 8, -1.0, 8.0)}
 
 
 def _q5_k(b: np.ndarray):
@@ -111,7 +113,8 @@ def _q5_k(b: np.ndarray):
     low = (qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
     high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
     q = low.reshape(n, 8, 32) | (high << np.uint8(4))
-    return q.reshape(n, QK_K) + np.uint8(128), d * sc, -(dmin * mn), 8, 32
+    return (q.reshape(n, QK_K) + np.uint8(128), d * sc, -(dmin * mn), 8, 32,
+            {"scale": (d, sc, 8), "offset": (dmin, mn, 8, -1.0, 0.0)})
 
 
 def _q6_k(b: np.ndarray):
@@ -121,16 +124,17 @@ def _q6_k(b: np.ndarray):
     low = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
     high = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(0x03)
     q = low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << np.uint8(4))  # 0..63, value q - 32
-    return q.reshape(n, QK_K) + np.uint8(96), d * sc, None, 8, 16
+    return q.reshape(n, QK_K) + np.uint8(96), d * sc, None, 8, 16, {"scale": (d, sc, 16)}
 
 
 def _q2_k(b: np.ndarray):
     n = b.shape[0]
     scales, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
-    dl = d * (scales & np.uint8(0x0F)).astype(np.float32)
-    ml = dmin * (scales >> np.uint8(4)).astype(np.float32)
+    sc, mn = (scales & np.uint8(0x0F)).astype(np.float32), (scales >> np.uint8(4)).astype(np.float32)
+    dl, ml = d * sc, dmin * mn
     q = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
-    return q.reshape(n, QK_K) + np.uint8(8), dl, -ml, 4, 16
+    return (q.reshape(n, QK_K) + np.uint8(8), dl, -ml, 4, 16,
+            {"scale": (d, sc, 16), "offset": (dmin, mn, 16, -1.0, 0.0)})
 
 
 def _q3_k(b: np.ndarray):
@@ -143,7 +147,7 @@ def _q3_k(b: np.ndarray):
     ql = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
     qh = (hmask.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
     q = ql.reshape(n, QK_K).astype(np.int16) - ((qh.reshape(n, QK_K) ^ np.uint8(1)).astype(np.int16) << 2)
-    return (q + 8).astype(np.uint8), d * sc, None, 4, 16
+    return (q + 8).astype(np.uint8), d * sc, None, 4, 16, {"scale": (d, sc, 16)}
 
 
 DECODERS: dict[str, tuple[int, int, Callable]] = {
@@ -173,11 +177,20 @@ def decode(type_name: str, raw: np.ndarray, name: str = "") -> BlockQuant:
         raise ValueError(f"{name}: a {type_name} row has {raw.shape[1]} bytes, not a multiple of {size}")
     cols = raw.shape[1] // size * per_block
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, size)
-    q, scales, offsets, bits, sub = fn(blocks)
+    q, scales, offsets, bits, sub, factors = fn(blocks)
     per_row = cols // sub
+
+    def factored(outer: np.ndarray, inner: np.ndarray | None, per: int, sign: float = 1.0,
+                 coef: float = 0.0) -> Factored:
+        return Factored(np.ascontiguousarray(outer, np.float32).reshape(rows, per_row // per),
+                        None if inner is None else np.ascontiguousarray(inner).reshape(rows, per_row).astype(
+                            np.int8 if np.asarray(inner).min() < 0 else np.uint8), per, sign, coef)
+
     return BlockQuant(
         q=np.ascontiguousarray(q, dtype=np.uint8).reshape(rows, cols),
         scales=np.ascontiguousarray(scales, dtype=np.float32).reshape(rows, per_row),
         bits=bits, block=sub,
         offsets=None if offsets is None else np.ascontiguousarray(offsets, dtype=np.float32).reshape(rows, per_row),
-        source=type_name, exact_of=[name] if name else [])
+        source=type_name, exact_of=[name] if name else [],
+        scale_factors=factored(*factors["scale"]) if "scale" in factors else None,
+        offset_factors=factored(*factors["offset"]) if "offset" in factors else None)

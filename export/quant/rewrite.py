@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelm.export.quant.blocks import BlockQuant, common_form, concat_rows
+from edgelm.export.quant.blocks import BlockQuant, Factored, common_form, concat_rows
 
 MS = "com.microsoft"
 ACCURACY_LEVEL = 4
@@ -114,6 +114,43 @@ class _Builder:
                                       to=onnx.TensorProto.FLOAT))
         return out
 
+    def _node(self, op: str, inputs: list[str], base: str, nodes: list[onnx.NodeProto], **attrs) -> str:
+        out = self._name(f"{base}_{op}")
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def _factored(self, f: Factored, scales: str | None, base: str, nodes: list[onnx.NodeProto]) -> str:
+        """Constant nodes that rebuild ``f.values(scales)`` in float32 when the session loads (folded there)."""
+        n, outer_blocks = f.outer.shape
+        outer = self._node("Cast", [self._init(f.outer.astype(np.float16), f"{base}_outer")], base, nodes,
+                           to=onnx.TensorProto.FLOAT)
+        if f.inner is None:
+            term = outer
+        else:
+            outer3 = self._node("Reshape", [outer, self._const_shape([n, outer_blocks, 1], f"{base}_o3")], base, nodes)
+            inner = self._node("Cast", [self._init(f.inner, f"{base}_inner")], base, nodes, to=onnx.TensorProto.FLOAT)
+            inner3 = self._node("Reshape", [inner, self._const_shape([n, outer_blocks, f.per], f"{base}_i3")], base,
+                                nodes)
+            term = self._node("Reshape", [self._node("Mul", [outer3, inner3], base, nodes),
+                                          self._const_shape([n, outer_blocks * f.per], f"{base}_2d")], base, nodes)
+        if not f.coef:
+            return term if f.sign > 0 else self._node("Neg", [term], base, nodes)
+        scaled = self._node("Mul", [scales, self._init(np.asarray(f.coef, np.float32), f"{base}_coef")], base, nodes)
+        return self._node("Add" if f.sign > 0 else "Sub", [scaled, term], base, nodes)
+
+    def _scales(self, part: BlockQuant, base: str, nodes: list[onnx.NodeProto]) -> str:
+        f = part.scale_factors
+        if f is not None and np.array_equal(f.values(), part.scales) and _half_exact(f.outer):
+            return self._factored(f, None, f"{base}_scales", nodes)
+        return self._float(part.scales, f"{base}_scales", nodes)
+
+    def _offsets(self, part: BlockQuant, scales: str, base: str, nodes: list[onnx.NodeProto]) -> str:
+        """The (N, blocks) offsets; ``scales`` is the node output of the same part's scales (some formats use them)."""
+        f = part.offset_factors
+        if f is not None and np.array_equal(f.values(part.scales), part.offsets) and _half_exact(f.outer):
+            return self._factored(f, scales, f"{base}_offsets", nodes)
+        return self._float(part.offsets, f"{base}_offsets", nodes)
+
     def _const_shape(self, values: list[int], base: str) -> str:
         return self._init(np.asarray(values, np.int64), base)
 
@@ -123,7 +160,7 @@ class _Builder:
         if init_name not in self.shared_data:
             base = _base(init_name)
             self.shared_data[init_name] = (self._init(table.packed(), f"{base}_table"),
-                                           self._float(table.scales, f"{base}_table_scales", nodes))
+                                           self._scales(table, f"{base}_table", nodes))
         return self.shared_data[init_name]
 
     # --- what each weight becomes --------------------------------------------------------------
@@ -167,7 +204,7 @@ class _Builder:
                       shared: tuple[str, str] | None = None) -> None:
         n, k = part.shape
         if shared is None:
-            shared = (self._init(part.packed(), f"{base}_B"), self._float(part.scales, f"{base}_scales", nodes))
+            shared = (self._init(part.packed(), f"{base}_B"), self._scales(part, base, nodes))
         inputs = [x, *shared]
         if part.zero_points is not None:
             inputs.append(self._init(part.packed_zero_points(), f"{base}_zp"))
@@ -178,7 +215,8 @@ class _Builder:
         if part.offsets is not None:
             sums = self._block_sum(x, k, part.block, nodes)
             off = self._name(f"{base}_offsets_out")
-            nodes.append(helper.make_node("MatMul", [sums, self._float(part.offsets.T, f"{base}_offsets", nodes)], [off],
+            offsets = self._node("Transpose", [self._offsets(part, shared[1], base, nodes)], base, nodes)
+            nodes.append(helper.make_node("MatMul", [sums, offsets], [off],
                                           name=self._name(f"{base}_Offsets")))
             nodes.append(helper.make_node("Add", [main, off], [out], name=self._name(f"{base}_AddOffsets")))
 
@@ -218,7 +256,7 @@ class _Builder:
         if table.offsets is not None:
             off = self._name(f"{base}_row_offsets")
             table_off = self._name(f"{base}_offsets3d")
-            nodes.append(helper.make_node("Reshape", [self._float(table.offsets, f"{base}_offsets", nodes),
+            nodes.append(helper.make_node("Reshape", [self._offsets(table, scales2d, base, nodes),
                                                       self._const_shape([v, nb, 1], f"{base}_offsets_shape")],
                                           [table_off], name=self._name(f"{base}_OffsetsReshape")))
             nodes.append(helper.make_node("Gather", [table_off, indices], [off], name=self._name(f"{base}_GatherOffsets")))
@@ -346,6 +384,10 @@ def _merge_siblings(b: "_Builder", graph: onnx.GraphProto, users: dict[str, list
         for n in nodes[1:]:
             out[id(n)] = []
     return out
+
+
+def _half_exact(a: np.ndarray) -> bool:
+    return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
 
 
 def _base(name: str) -> str:
