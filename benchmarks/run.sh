@@ -38,4 +38,6 @@ for q in gguf int8 int4 int8-dynamic; do
     python3 -m edgelm.cli bench "$MODELS/smollm2-$q" "${common[@]}" --strategy greedy \
         --reference "$MODELS/smollm2-fp32"
 done
+python3 -m edgelm.cli.bench_chat "$MODELS/smollm2-fp32" --turns 10 --threads 2 --out "$OUT/conversation.json" \
+    | tee "$OUT/conversation.md"
 echo "benchmarks: tables, JSON and plots in $OUT/" >&2

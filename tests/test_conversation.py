@@ -6,7 +6,6 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import threading
 import time
@@ -42,19 +41,23 @@ def test_greedy_turns_equal_stateless_generate_and_reuse_the_cache(smollm2):
 
 
 @pytest.mark.real
-def test_template_that_rewrites_earlier_turns_stays_exact(smollm2, exported):
-    """A template that renders old assistant turns differently from how they were generated (here: it upper-cases
-    them) still gives stateless results; only the reuse shrinks."""
+def test_template_that_rewrites_earlier_turns_stays_exact(exported):
+    """A template that renders old assistant turns differently from how they were generated (here: it marks them
+    as earlier) still gives stateless results; only the reuse shrinks (it stops where the previous reply starts)."""
     lm = CausalLM.load(exported("smollm2-135m-instruct"), threads=2)
     lm.tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}"
-        "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% if m['role'] == 'assistant' and not loop.last %}(earlier) {% endif %}{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     conv = lm.conversation()
+    cached = 0
     for question in QUESTIONS[:4]:
         reply = conv.send(question, max_new_tokens=24)
         assert reply == lm.generate_text(conv.messages[:-1], chat=True, max_new_tokens=24)
-    assert conv.last_stats["reused_tokens"] < conv.last_stats["prompt_tokens"] - 24
+        if cached:
+            assert conv.last_stats["reused_tokens"] < cached, (cached, conv.last_stats)
+        cached = conv.last_stats["prompt_tokens"] + conv.last_stats["new_tokens"] - 1  # what the cache now holds
 
 
 @pytest.mark.real
@@ -82,8 +85,8 @@ def test_stop_strings_streaming_and_static_exports(smollm2, exported):
     chunks = []
     streamer = TextStreamer(smollm2.tokenizer, skip_prompt=True, on_text=lambda t, end: chunks.append(t),
                             skip_special_tokens=True)
-    reply = conv.send("Count from one to ten in words.", streamer=streamer, stop_strings=["five"], max_new_tokens=40)
-    assert "".join(chunks).strip() == reply.strip() and reply.rstrip().endswith("five")
+    reply = conv.send("Count from 1 to 10.", streamer=streamer, stop_strings=["4"], max_new_tokens=40)
+    assert "".join(chunks).strip() == reply.strip() and reply.rstrip().endswith("4") and "5" not in reply
     static = CausalLM.load(exported("smollm2-135m-instruct", static_max_length=160), threads=2)
     conv2 = static.conversation()
     for question in QUESTIONS[:2]:
@@ -158,11 +161,13 @@ def test_one_thread_at_a_time_and_bad_input(exported):
 
 # --- edgelm chat through a real pseudo-terminal ----------------------------------------------
 class _Pty:
+    """A child process whose controlling terminal is a pseudo-terminal (so Ctrl-C there is a real SIGINT)."""
+
     def __init__(self, args: list[str]):
-        self.master, slave = pty.openpty()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-        os.close(slave)
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # the child: a new session whose controlling terminal is the pty
+            os.execvpe(args[0], args, env)
         self.buffer = ""
 
     def read_until(self, marker: str, timeout: float = 120) -> str:
@@ -181,6 +186,20 @@ class _Pty:
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
+
+    def wait(self, timeout: float = 60) -> int:
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:  # keep the pty drained so the child never blocks on a full buffer
+                if select.select([self.master], [], [], 0.2)[0]:
+                    os.read(self.master, 4096)
+            except OSError:
+                time.sleep(0.2)
+        os.kill(self.pid, 9)
+        raise AssertionError("the chat did not exit")
 
 
 @pytest.mark.real
@@ -209,8 +228,7 @@ def test_chat_command_in_a_pseudo_terminal(exported, tmp_path):
     assert "/retry" in term.read_until("\n> ")
     # Ctrl-C stops a long reply and keeps what it said; the chat goes on
     term.send("/exit\r")
-    term.proc.wait(timeout=60)
-    assert term.proc.returncode == 0
+    assert term.wait() == 0
 
     long = _Pty([sys.executable, "-m", "edgelm.cli", "chat", str(folder), "--max-new-tokens", "2000",
                  "--min-new-tokens", "2000", "--threads", "2"])
@@ -226,5 +244,4 @@ def test_chat_command_in_a_pseudo_terminal(exported, tmp_path):
     msgs = json.loads((tmp_path / "long.json").read_text())
     assert msgs[-1]["role"] == "assistant" and 0 < len(msgs[-1]["content"])
     long.send("\x04")  # Ctrl-D quits
-    long.proc.wait(timeout=60)
-    assert long.proc.returncode == 0
+    assert long.wait() == 0
