@@ -65,16 +65,16 @@ class SplitGGUF:
 
 def check_gguf(path: Path) -> str:
     """The GGUF's general.name, after reading its header and tensor table (a clear error if it does not parse)."""
-    from gguf import GGUFReader
+    from edgelm.export.quant import gguf_file
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
+        meta, tensors = gguf_file.read(path)
+    except Exception as exc:  # a damaged file: struct errors, unknown types, a tensor past the end
         raise ModelLoadError(f"{path} does not parse as GGUF ({exc}); run `edgelm models fetch --force`") from exc
-    field = reader.fields.get("general.name")
-    if field is None or not reader.tensors:
+    name = meta.get("general.name")
+    if not isinstance(name, str) or not tensors:
         raise ModelLoadError(f"{path} has no general.name or no tensors: not a complete model")
-    return bytes(field.parts[-1]).decode("utf-8", "replace")
+    return name
 
 
 def _parts(prefix: str, count: int, version: str, member: Callable[[int], str]) -> tuple[tuple[str, str, str], ...]:

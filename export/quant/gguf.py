@@ -48,17 +48,19 @@ class GGUFScheme:
     name = "gguf"
 
     def __init__(self, path: str | Path, log: Callable[[str], None] = print):
-        from gguf import GGUFReader
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        from edgelm.export.quant import gguf_file
+
         self.path = Path(path)
-        self.reader = GGUFReader(str(self.path))
+        _, tensors = gguf_file.read(self.path)
         self.tensors = {}
         self.unsupported: dict[str, str] = {}
         keys, owners, rows = [], [], []
-        for tensor in self.reader.tensors:
-            kind = tensor.tensor_type.name
-            if len(tensor.data.shape) != 2 or kind in ("F32", "F16", "BF16", "F64"):
+        for tensor in tensors:
+            kind = tensor.type_name
+            if len(tensor.shape) != 2 or kind in ("F32", "F16", "BF16", "F64"):
                 continue
             if not supported(kind):
                 self.unsupported[tensor.name] = kind
@@ -67,7 +69,7 @@ class GGUFScheme:
             self.tensors[index] = tensor
             data = tensor.data
             for start in range(0, data.shape[0], CHUNK_ROWS):
-                part = dequantize(np.asarray(data[start:start + CHUNK_ROWS]), tensor.tensor_type)
+                part = dequantize(np.asarray(data[start:start + CHUNK_ROWS]), GGMLQuantizationType[kind])
                 keys.append(row_keys(part))
             n = data.shape[0]
             owners.append(np.full(n, index, np.int32))
@@ -83,7 +85,7 @@ class GGUFScheme:
         self.row = np.concatenate(rows)[order]
         self._decoded: OrderedDict[int, BlockQuant] = OrderedDict()
         self.max_rel_diff = 0.0
-        formats = sorted({t.tensor_type.name for t in self.tensors.values()})
+        formats = sorted({t.type_name for t in self.tensors.values()})
         log(f"      GGUF: {len(self.tensors)} quantized matrices ({', '.join(formats)}) indexed by row")
         if self.unsupported:
             log(f"      GGUF: {len(self.unsupported)} tensors in formats with no exact MatMulNBits form "
@@ -92,7 +94,7 @@ class GGUFScheme:
     def _decode(self, index: int) -> BlockQuant:
         if index not in self._decoded:
             tensor = self.tensors[index]
-            self._decoded[index] = decode(tensor.tensor_type.name, np.asarray(tensor.data), tensor.name)
+            self._decoded[index] = decode(tensor.type_name, np.asarray(tensor.data), tensor.name)
             while len(self._decoded) > 4:  # q, k, v (+1): enough for a fused projection, bounded memory
                 self._decoded.popitem(last=False)
         return self._decoded[index]
