@@ -32,14 +32,31 @@ def _consolidate(raw_dir: Path, out_dir: Path, tie: bool) -> bool:
     rewrites MatMul, and a float32 head would be the biggest weight read per token); the other
     schemes quantize the shared table once for both the lookup and the head.
     """
-    import onnx
+    from edgelm.export import graph, onnx_files
 
-    from edgelm.export import graph
-
-    model = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
+    model = onnx_files.load_graph(raw_dir / MODEL_FILE)
     tied = tie and graph.share_tied_embedding(model)
     graph.save(model, out_dir / MODEL_FILE)
     return tied
+
+
+def _free(src: Any) -> None:
+    """Drop the PyTorch model and hand its memory back to the system before onnxruntime loads the graph.
+
+    glibc keeps freed heap pages for reuse unless asked; ``malloc_trim`` returns them, so the
+    peak of the onnxruntime steps that follow does not sit on top of the float32 weights.
+    """
+    import ctypes
+    import ctypes.util
+
+    src.model = None
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps what it keeps
+            pass
 
 
 def _ort_version() -> str:
@@ -179,6 +196,24 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if limit and static_max_length > limit:
             raise ExportError(f"--max-length {static_max_length} exceeds the model's {limit} positions; lower it")
+    # PyTorch's outputs for validation come first: the model can then be freed as soon as it is traced, and
+    # onnxruntime never loads the graph while the PyTorch weights are still in memory.
+    from edgelm.export import validate
+
+    chunk_batch = None
+    if static_max_length is not None:
+        from edgelm.export.static import static_reference
+
+        reference = static_reference(src.model, src.tokenizer, static_max_length)
+    elif src.task == "causal-lm":
+        from edgelm.export.fused import fusable
+
+        chunk_batch = 1 if (fuse and fusable(src.model) is None) else None
+        reference = validate.causal_reference(src.model, src.tokenizer, chunk_batch)
+    else:
+        from edgelm.export.masked import masked_input_names
+
+        reference = validate.masked_reference(src.model, src.tokenizer, masked_input_names(src.model, src.tokenizer))
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         raw_dir = tmp / ".onnx-raw"
         raw_dir.mkdir()
@@ -198,6 +233,12 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             from edgelm.export.masked import export_masked
 
             inputs, outputs = export_masked(src.model, src.tokenizer, raw_dir / MODEL_FILE, opset)
+        # What the rest needs of the PyTorch model; then the model goes (see ``_free``).
+        vocab_size = int(src.model.get_output_embeddings().weight.shape[0])
+        architecture = (config.architectures or [type(src.model).__name__])[0]
+        generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
+        special = _special_ids(src)
+        _free(src)
         if _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic"):
             log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
@@ -209,28 +250,17 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             log(f"      optimized offline: {graph_report['nodes_before']} -> {graph_report['nodes_after']} nodes "
                 f"(onnxruntime extended level; {graph_report['skip_rms_norm_fused']} residual adds fused into "
                 "SkipSimplifiedLayerNormalization)")
-        log("[3/4] validating against PyTorch")
-        from edgelm.export import validate
-
+        log("[3/4] validating against PyTorch's outputs")
         if static_max_length is not None:
-            from edgelm.export.static import validate_static
+            from edgelm.export.static import check_static
 
-            report = validate_static(src.model, src.tokenizer, tmp / MODEL_FILE, layout, static_max_length,
-                                     validate.LOGITS_ATOL)
+            report = check_static(tmp / MODEL_FILE, reference, layout, static_max_length, validate.LOGITS_ATOL)
         elif src.task == "causal-lm":
-            report = validate.validate_causal(src.model, src.tokenizer, tmp / MODEL_FILE, layout.num_layers,
-                                              chunk_batch=1 if fused_op else None)
+            report = validate.check_causal(tmp / MODEL_FILE, reference, chunk_batch)
         else:
-            report = validate.validate_masked(src.model, src.tokenizer, tmp / MODEL_FILE, inputs)
+            report = validate.check_masked(tmp / MODEL_FILE, reference)
+        del reference
         log(f"      logits max abs diff {report['max_abs_diff_logits']:.2e} (limit {report['logits_atol']})")
-        # What the rest needs of the PyTorch model, then the model itself goes: the quantizer and the quality
-        # check hold graphs of their own, and the float32 weights need not stay in memory beside them.
-        vocab_size = int(src.model.get_output_embeddings().weight.shape[0])
-        architecture = (config.architectures or [type(src.model).__name__])[0]
-        generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
-        special = _special_ids(src)
-        src.model = None
-        gc.collect()
         quant_report = None
         float_dir = tmp / FLOAT_DIR
         if quantize:

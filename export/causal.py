@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgelm.export.tracing import lean_shape_inference
+
 
 @dataclass
 class KVLayout:
@@ -176,7 +178,7 @@ def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17,
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in layout.output_names():
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
-    with torch.no_grad(), context:
+    with torch.no_grad(), context, lean_shape_inference():
         torch.onnx.export(
             wrapper, dummy_inputs(layout), str(onnx_path), input_names=inputs,
             output_names=outputs, dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,

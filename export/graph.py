@@ -1,8 +1,7 @@
 """ONNX file layout and graph clean-ups applied after tracing, before validation checks them.
 
-- Weights go to one external data file (``model.onnx.data``) once the model is large: onnxruntime
-  then maps them instead of parsing a protobuf that holds them, which lowers peak memory at load
-  and loads faster (``edgelm bench`` reports the peak RSS).
+- Weights go to one external data file (``model.onnx.data``) once the model is large (see
+  ``onnx_files``, which also keeps them out of Python memory while the graph is rewritten).
 - Fused (Llama-family) graphs are optimized offline: onnxruntime's own "extended" graph
   optimizations (RMSNorm -> SimplifiedLayerNormalization, ...), then the residual add + RMSNorm
   pairs become SkipSimplifiedLayerNormalization (one kernel), which the runtime optimizer does
@@ -16,34 +15,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-EXTERNAL_DATA = "model.onnx.data"
-EXTERNAL_ABOVE = 64 * 1024**2
-"""Models above this many bytes of weights keep them in ``model.onnx.data``."""
+from edgelm.export.onnx_files import EXTERNAL_DATA, array, load_graph, save
 
-
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` to ``path``, with external data when it is large (and always above protobuf's 2 GB)."""
-    weights = sum(t.ByteSize() for t in model.graph.initializer)
-    data = path.with_name(EXTERNAL_DATA)
-    if data.exists():
-        data.unlink()
-    if weights > EXTERNAL_ABOVE:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    for written in (path, data):
-        if written.exists():
-            os.chmod(written, 0o666 & ~umask)  # onnx writes the data file private
+__all__ = ["EXTERNAL_DATA", "fuse_skip_rms_norm", "optimize_offline", "save", "share_tied_embedding"]
 
 
 def share_tied_embedding(model: onnx.ModelProto) -> bool:
@@ -64,7 +44,7 @@ def share_tied_embedding(model: onnx.ModelProto) -> bool:
         table = inits[node.input[0]]
         if list(table.dims) != [head.dims[1], head.dims[0]]:
             continue
-        if not np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(head).T):
+        if not np.array_equal(array(table), array(head).T):
             continue
         fused = helper.make_node("FusedMatMul", [head_node.input[0], table.name], list(head_node.output),
                                  name="lm_head_tied", domain="com.microsoft", transB=1, alpha=1.0)
@@ -99,9 +79,9 @@ def optimize_offline(path: Path) -> dict[str, int]:
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.log_severity_level = 3
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        model = onnx.load(str(optimized))
+        model = load_graph(optimized)
         fused = fuse_skip_rms_norm(model)
-        save(model, path)
+        save(model, path)  # streams the weights from onnxruntime's output into the final data file
     return {"nodes_before": before, "nodes_after": len(model.graph.node), "skip_rms_norm_fused": fused}
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgelm.export.tracing import lean_shape_inference
+
 
 class MaskedLMWrapper(nn.Module):
     def __init__(self, model: nn.Module, input_names: list[str]):
@@ -34,7 +36,7 @@ def export_masked(model: nn.Module, tokenizer: Any, onnx_path: Path, opset: int 
                   for n in names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     axes["logits"] = {0: "batch_size", 1: "sequence_length"}
-    with torch.no_grad():
+    with torch.no_grad(), lean_shape_inference():
         torch.onnx.export(wrapper, dummy, str(onnx_path), input_names=names, output_names=["logits"],
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
     return names, ["logits"]

@@ -2,7 +2,9 @@
 
 The reference is the transformers model itself, called the way ``generate`` calls it
 (2D padding mask, position ids from the mask, its own cache), so the check covers the
-wrapper's hand-built mask, the cache plumbing and the operators at once.
+wrapper's hand-built mask, the cache plumbing and the operators at once. Its outputs are
+computed first (``*_reference``) and the graph checked later (``check_*``), once the
+PyTorch model is gone: an export never holds both models in memory.
 """
 
 from __future__ import annotations
@@ -72,36 +74,31 @@ class _Stats:
         return float(np.abs(ours - ref)[valid].max()) / scale if valid.any() else 0.0
 
 
-def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int,
-                    chunk_batch: int | None = None) -> dict[str, Any]:
-    """Prefill a left-padded batch of 2, decode 3 steps, then a 3-token chunk; compare every output.
+def causal_reference(model: Any, tokenizer: Any, chunk_batch: int | None = None) -> list[dict[str, Any]]:
+    """PyTorch's outputs for the checked steps: prefill a left-padded batch of 2, decode 3 steps, then a 3-token chunk.
 
-    ``chunk_batch=1`` runs the chunk on the second row only: onnxruntime's GroupQueryAttention
-    takes several new tokens on top of a past for one row at a time (the runtime splits others).
+    Computed before the export so that the PyTorch model can be freed before onnxruntime loads the
+    graph: the two never need to be in memory together. ``chunk_batch=1`` runs the chunk on the
+    second row only: onnxruntime's GroupQueryAttention takes several new tokens on top of a past for
+    one row at a time (the runtime splits others).
     """
-    import onnxruntime as ort
     from transformers import DynamicCache
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     ids, mask = _left_pad(tokenizer, PROMPTS)
     batch = ids.shape[0]
     cache = DynamicCache()
-    past = {f"past_key_values.{i}.{kv}": np.zeros((batch, 0, 0, 0), np.float32) for i in range(num_layers) for kv in ("key", "value")}
-    past_shape_known = False
-    stats = _Stats()
-    steps = [("prefill", ids)]
     rng = np.random.default_rng(0)
-    steps += [(f"decode{i}", None) for i in range(3)]
-    steps += [("chunk", rng.integers(3, min(tokenizer.vocab_size, 200), size=(batch, 3)))]
-    full_mask = mask
-    step_ids = ids
-    for name, forced in steps:
+    plan = [("prefill", ids)] + [(f"decode{i}", None) for i in range(3)]
+    plan += [("chunk", rng.integers(3, min(tokenizer.vocab_size, 200), size=(batch, 3)))]
+    full_mask, step_ids, next_ids = mask, ids, None
+    steps = []
+    for name, forced in plan:
+        keep = None
         if name == "chunk" and chunk_batch == 1:
             keep = slice(batch - 1, batch)
             forced, full_mask = forced[keep], full_mask[keep]
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            past = {n: t[keep] for n, t in past.items()}
         if name != "prefill":
             step_ids = forced if forced is not None else next_ids
             full_mask = np.concatenate([full_mask, np.ones_like(step_ids)], axis=1)
@@ -112,31 +109,48 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
                         position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True,
                         output_hidden_states=True)
         cache = ref.past_key_values
-        feeds = {"input_ids": step_ids, "attention_mask": full_mask, "position_ids": pos}
-        if not past_shape_known:
-            k0 = cache.layers[0].keys
-            past = {k: np.zeros((batch, k0.shape[1], 0, k0.shape[3]), np.float32) for k in past}
-            past_shape_known = True
-        feeds.update(past)
-        outs = sess.run(None, feeds)
-        names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(names, outs))
+        logits = ref.logits.numpy().copy()
+        steps.append({
+            "name": name, "keep": keep, "feeds": {"input_ids": step_ids, "attention_mask": full_mask, "position_ids": pos},
+            "logits": logits, "hidden": ref.hidden_states[-1].numpy().copy(),
+            "presents": [(layer.keys.numpy().copy(), layer.values.numpy().copy()) for layer in cache.layers],
+        })
+        next_ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    return steps
+
+
+def check_causal(onnx_path: Path, steps: list[dict[str, Any]], chunk_batch: int | None = None) -> dict[str, Any]:
+    """Run the graph through ``causal_reference``'s steps, feeding its own cache back; compare every output."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    first = steps[0]["presents"]
+    batch = steps[0]["feeds"]["input_ids"].shape[0]
+    past = {f"past_key_values.{i}.{kv}": np.zeros((batch, t.shape[1], 0, t.shape[3]), np.float32)
+            for i, pair in enumerate(first) for kv, t in zip(("key", "value"), pair)}
+    stats = _Stats()
+    for step in steps:
+        if step["keep"] is not None:
+            past = {n: t[step["keep"]] for n, t in past.items()}
+        feeds = step["feeds"]
+        full_mask = feeds["attention_mask"]
+        new = feeds["input_ids"].shape[1]
+        got = dict(zip(names, sess.run(None, {**feeds, **past})))
         query_valid = full_mask[:, -new:].astype(bool)
-        ref_logits = ref.logits.numpy()
-        stats.compare_logits(got["logits"], ref_logits, query_valid)
-        stats.hidden = max(stats.hidden, stats.rel(got["last_hidden_state"], ref.hidden_states[-1].numpy(), query_valid))
+        stats.compare_logits(got["logits"], step["logits"], query_valid)
+        stats.hidden = max(stats.hidden, stats.rel(got["last_hidden_state"], step["hidden"], query_valid))
         key_valid = full_mask.astype(bool)[:, None, :, None]
-        for i, layer in enumerate(cache.layers):
-            for kv, ref_t in (("key", layer.keys), ("value", layer.values)):
+        for i, pair in enumerate(step["presents"]):
+            for kv, ref_t in zip(("key", "value"), pair):
                 ours = got[f"present.{i}.{kv}"]
-                if ours.shape != tuple(ref_t.shape):
-                    raise ExportError(f"present.{i}.{kv} has shape {ours.shape}, PyTorch's cache {tuple(ref_t.shape)}")
+                if ours.shape != ref_t.shape:
+                    raise ExportError(f"present.{i}.{kv} has shape {ours.shape}, PyTorch's cache {ref_t.shape}")
                 valid = np.broadcast_to(key_valid, ours.shape)
-                stats.present = max(stats.present, stats.rel(ours, ref_t.numpy(), valid))
+                stats.present = max(stats.present, stats.rel(ours, ref_t, valid))
                 past[f"past_key_values.{i}.{kv}"] = ours
-        next_ids = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
     report = {
-        "steps": [s for s, _ in steps],
+        "steps": [s["name"] for s in steps],
         "batch": batch,
         "chunk_batch": chunk_batch or batch,
         **stats.logits_report(),
@@ -148,11 +162,8 @@ def validate_causal(model: Any, tokenizer: Any, onnx_path: Path, num_layers: int
     return report
 
 
-def validate_masked(model: Any, tokenizer: Any, onnx_path: Path, input_names: list[str]) -> dict[str, Any]:
-    """A right-padded batch of 2 texts with masks; compare logits at real positions."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def masked_reference(model: Any, tokenizer: Any, input_names: list[str]) -> dict[str, Any]:
+    """PyTorch's logits for a right-padded batch of 2 texts with masks (before the export, like ``causal_reference``)."""
     m = tokenizer.mask_token
     texts = [f"The capital of France is {m}.", f"Hello {m} world"]
     if getattr(model.config, "vocab_size", 1000) < 64:  # residue vocabularies (AntiBERTy): spaced letters
@@ -160,10 +171,17 @@ def validate_masked(model: Any, tokenizer: Any, onnx_path: Path, input_names: li
     enc = tokenizer(texts, padding=True, return_tensors="np")
     feeds = {n: enc[n].astype(np.int64) for n in input_names}
     with torch.no_grad():
-        ref = model(**{n: torch.from_numpy(v) for n, v in feeds.items()}).logits.numpy()
-    got = sess.run(["logits"], feeds)[0]
+        ref = model(**{n: torch.from_numpy(v) for n, v in feeds.items()}).logits.numpy().copy()
+    return {"feeds": feeds, "logits": ref, "valid": enc["attention_mask"].astype(bool)}
+
+
+def check_masked(onnx_path: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], reference["feeds"])[0]
     stats = _Stats()
-    stats.compare_logits(got, ref, enc["attention_mask"].astype(bool))
+    stats.compare_logits(got, reference["logits"], reference["valid"])
     report = {"batch": 2, **stats.logits_report()}
     _judge(report, stats.logits, 0.0)
     return report

@@ -89,13 +89,11 @@ def _scheme(name: str, src: Path, ctx: Context):
 
 
 def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:
-    import onnx
-
-    from edgelm.export import graph
+    from edgelm.export import graph, onnx_files
     from edgelm.export.quant.rewrite import rewrite
 
     scheme = _scheme(name, src, ctx)
-    model = onnx.load(str(src), load_external_data=True)
+    model = onnx_files.load_graph(src)  # float weights stay on disk, mapped one matrix at a time
     report = rewrite(model, scheme, vocab_size=ctx.vocab_size, log=ctx.log)
     if not report.quantized:
         raise ExportError(f"--quantize {name} found no weight matrix it could quantize in this model")

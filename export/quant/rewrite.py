@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgelm.export import onnx_files
 from edgelm.export.quant.blocks import BlockQuant, Factored, common_form, concat_rows
 
 MS = "com.microsoft"
@@ -171,7 +172,7 @@ class _Builder:
         a MatMul's B is (K, N).
         """
         if init_name not in self.quantized:
-            array = numpy_helper.to_array(self.inits[init_name])
+            array = onnx_files.array(self.inits[init_name])
             w = array if rows_are_outputs else array.T
             if array.ndim != 2 or array.dtype != np.float32:
                 self.quantized[init_name] = None
