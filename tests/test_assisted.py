@@ -26,9 +26,25 @@ def test_any_draft_gives_greedy_output(arch, exported):
                dict(prompt_lookup_num_tokens=4), dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=3)]:
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, **kw), greedy)
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=eos, **kw), greedy_eos)
-    lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, assistant_model=drafts[1])
+    # A random tiny model doubts all its tokens: without the confidence stop, a perfect draft is always right.
+    lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, assistant_model=drafts[1], assistant_confidence_threshold=0)
     stats = lm.last_assisted_stats
     assert stats["accepted"] == stats["candidates"] and stats["target_passes"] < 5  # a perfect draft is always right
+
+
+def test_draft_stops_after_a_token_it_doubts(exported):
+    """assistant_confidence_threshold (transformers' ConfidenceCriteria): 1.0 stops every draft after one token, 0
+    never stops early; the output is greedy's either way."""
+    lm, draft = CausalLM.load(exported("tiny-llama")), CausalLM.load(exported("tiny-gpt2"))
+    greedy = lm.generate(PROMPT, max_new_tokens=20, eos_token_id=None)
+    drafted = {}
+    for threshold in (1.0, 0.0):
+        out = lm.generate(PROMPT, max_new_tokens=20, eos_token_id=None, assistant_model=draft, num_assistant_tokens=5,
+                          assistant_confidence_threshold=threshold)
+        np.testing.assert_array_equal(out, greedy)
+        drafted[threshold] = lm.last_assisted_stats
+    assert drafted[1.0]["candidates"] <= drafted[1.0]["target_passes"]  # one draft token per pass at most
+    assert drafted[0.0]["candidates"] > 3 * drafted[0.0]["target_passes"]  # 5 per pass, fewer only near the end
 
 
 def test_matches_transformers_assisted_and_prompt_lookup(exported, hf_model):

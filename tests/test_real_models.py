@@ -79,17 +79,25 @@ def test_gemma3_270m_gguf_export_keeps_its_blocks(gemma, tmp_path):
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
 def test_qwen25_coder_exports_and_verifies(name, tmp_path):
     """The GGUF exports (float32: validated against PyTorch, then `edgelm verify` on every strategy; gguf: within
-    1.25x the file and 1% perplexity)."""
+    1.25x the file and 1% perplexity, with a peak RSS at most 2.5x the float32 weights)."""
     import json
+    import resource
     import subprocess
     import sys
 
     from edgelm.export import export_model
+    from edgelm.export.quant import gguf_file
     from edgelm.models import fetch
 
     gguf = fetch(name, log=lambda s: None)
-    man = export_model(gguf, tmp_path / "q", log=lambda s: None)
-    assert man.validation["quantization"]["scheme"] == "gguf" and man.validation["quality"]["ratio"] < 1.01
+    float32_bytes = 4 * sum(int(np.prod(t.shape)) for t in gguf_file.read(gguf)[1])
+    proc = subprocess.run([sys.executable, "-m", "edgelm.cli", "export", str(gguf), str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far: this export
+    assert peak <= 2.5 * float32_bytes, f"export peak RSS {peak / 1e9:.2f} GB for {float32_bytes / 1e9:.2f} GB of weights"
+    validation = json.loads((tmp_path / "q" / "edgelm.json").read_text())["validation"]
+    assert validation["quantization"]["scheme"] == "gguf" and validation["quality"]["ratio"] < 1.01
     size = sum(p.stat().st_size for p in (tmp_path / "q").iterdir() if p.is_file())
     assert size <= 1.25 * gguf.stat().st_size
     export_model(gguf, tmp_path / "fp32", quantize="none", log=lambda s: None)

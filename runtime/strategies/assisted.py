@@ -51,12 +51,20 @@ class PromptLookupCandidates:
 
 
 class DraftModelCandidates:
-    """Greedy drafts from a smaller CausalLM; its cache is kept and cropped like the target's."""
+    """Drafts from a smaller CausalLM; its cache is kept and cropped like the target's.
+
+    As in transformers (its ``ConfidenceCriteria``), drafting stops early after a token the draft
+    itself gives less than ``assistant_confidence_threshold`` probability: a token it doubts is
+    likely rejected, and every draft token after it is wasted work. (transformers also retunes
+    that threshold during generation when scikit-learn is installed; edgelm keeps it fixed.) None
+    of this changes the output, only how much drafting is spent on it.
+    """
 
     def __init__(self, assistant: Any, cfg: Any):
         self.lm = assistant
         self.num_tokens = float(cfg.num_assistant_tokens)
         self.schedule = cfg.num_assistant_tokens_schedule
+        self.confidence = float(cfg.assistant_confidence_threshold or 0.0)
         self.eos = cfg.eos_ids
         self.cache = assistant.decoder.new_cache(1)
         self.cached: np.ndarray = np.zeros(0, np.int64)  # the tokens whose keys/values are in self.cache
@@ -93,7 +101,7 @@ class DraftModelCandidates:
             drafts.append(tok)
             tokens.append(tok)
             new = np.asarray([[tok]], np.int64)
-            if tok in self.eos:
+            if tok in self.eos or (self.confidence > 0 and _probability(scores[0], tok) < self.confidence):
                 break
         self.cached = np.asarray(tokens[:-1], np.int64)  # the last draft was never fed
         return np.asarray(drafts, np.int64), (np.stack(draft_scores) if rng is not None else None)
@@ -101,6 +109,15 @@ class DraftModelCandidates:
     def update(self, n_matches: int, n_candidates: int) -> None:
         if self.schedule in ("heuristic", "heuristic_transient"):
             self.num_tokens = self.num_tokens + 2.0 if n_matches == n_candidates else max(1.0, self.num_tokens - 1.0)
+
+
+def _probability(scores: np.ndarray, tok: int) -> float:
+    """softmax(scores)[tok] without materialising the distribution."""
+    finite = scores[np.isfinite(scores)]
+    if not np.isfinite(scores[tok]) or not finite.size:
+        return 0.0
+    with np.errstate(over="ignore"):  # a far likelier token: probability ~0, which is the answer
+        return float(1.0 / np.exp(finite - scores[tok], dtype=np.float64).sum())
 
 
 def check_assistant(target: Any, assistant: Any) -> None:

@@ -1,0 +1,163 @@
+"""Speculative decoding against plain greedy on the same target: a draft model and prompt lookup.
+
+Two workloads, as the performance issue asks:
+- code completion: raw code prompts (a signature and a docstring) continued by the target;
+- an input-grounded edit: the chat template around a given module and the request to return it
+  with small changes, where much of the answer repeats the input (prompt lookup's case).
+
+Every configuration generates the same number of new tokens (``min_new_tokens`` = ``max_new_tokens``)
+with greedy decoding, so each must reproduce plain greedy token for token: the report says so per
+row, and a mismatch makes the command exit 1. Times are whole calls (prefill included), in one
+process, configurations interleaved run by run so that machine noise hits all alike; figures are
+medians.
+
+    python -m edgelm.cli.bench_spec TARGET_DIR --draft DRAFT_DIR [--runs 3] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+CODE_PROMPTS = (
+    'def quicksort(items):\n    """Return a new list with the items sorted in ascending order."""\n',
+    'class LRUCache:\n    """A least-recently-used cache with a fixed capacity."""\n\n    def __init__(self, capacity: int):\n',
+    'import json\n\n\ndef load_config(path, defaults):\n    """Read a JSON config file and fill in defaults for missing keys."""\n',
+    'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number, using trial division."""\n',
+)
+
+MODULE = '''import os
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [line.rstrip("\\n") for line in f]
+
+
+def count_words(lines):
+    counts = {}
+    for line in lines:
+        for word in line.split():
+            word = word.lower().strip(".,;:!?")
+            if word:
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def top_words(counts, n):
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def main(path, n=10):
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    for word, count in top_words(count_words(read_lines(path)), n):
+        print(f"{word}: {count}")
+'''
+EDIT_REQUEST = ("Add type hints to every function of this Python module and return the whole module, otherwise "
+                "unchanged, in one code block.\n\n```python\n" + MODULE + "```")
+
+
+def configurations(draft: Any) -> dict[str, dict[str, Any]]:
+    configs: dict[str, dict[str, Any]] = {"greedy": {}}
+    if draft is not None:
+        for n in (3, 5, 8):
+            configs[f"draft, {n} tokens"] = dict(assistant_model=draft, num_assistant_tokens=n)
+        configs["draft, heuristic"] = dict(assistant_model=draft, num_assistant_tokens=5,
+                                           num_assistant_tokens_schedule="heuristic")
+    configs["prompt lookup, 10"] = dict(prompt_lookup_num_tokens=10)
+    return configs
+
+
+def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int = 128, threads: int = 2,
+        log: Any = print) -> dict[str, Any]:
+    import numpy as np
+
+    from edgelm.runtime import CausalLM
+
+    lm = CausalLM.load(target_dir, threads=threads)
+    draft = CausalLM.load(draft_dir, threads=threads) if draft_dir else None
+    workloads = {
+        "code completion": [lm.tokenizer.encode(p) for p in CODE_PROMPTS],
+        "input-grounded edit": [lm.tokenizer.apply_chat_template([{"role": "user", "content": EDIT_REQUEST}],
+                                                                 add_generation_prompt=True)],
+    }
+    configs = configurations(draft)
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    lm.generate(np.asarray([workloads["code completion"][0]], np.int64), max_new_tokens=4)  # warm-up
+    if draft is not None:
+        draft.generate(np.asarray([workloads["code completion"][0]], np.int64), max_new_tokens=4)
+    rows = []
+    for workload, prompts in workloads.items():
+        reference: dict[int, np.ndarray] = {}
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        accept: dict[str, list[float]] = {name: [] for name in configs}
+        exact = {name: True for name in configs}
+        for r in range(runs):
+            for name, extra in configs.items():
+                total = 0.0
+                for i, prompt in enumerate(prompts):
+                    ids = np.asarray([prompt], np.int64)
+                    start = time.perf_counter()
+                    out = lm.generate(ids, **kw, **extra)
+                    total += time.perf_counter() - start
+                    if name == "greedy" and i not in reference:
+                        reference[i] = out
+                    elif i in reference and not np.array_equal(out, reference[i]):
+                        exact[name] = False
+                    stats = lm.last_assisted_stats if extra else None
+                    if stats and stats["candidates"]:
+                        accept[name].append(stats["accepted"] / stats["candidates"])
+                times[name].append(len(prompts) * new_tokens / total)
+            log(f"  {workload}: run {r + 1}/{runs} done")
+        base = statistics.median(times["greedy"])
+        for name in configs:
+            tps = statistics.median(times[name])
+            rows.append({"workload": workload, "config": name, "tokens_per_s": round(tps, 2),
+                         "vs_greedy": round(tps / base, 3), "exact": exact[name],
+                         "acceptance": round(statistics.mean(accept[name]), 3) if accept[name] else None,
+                         "runs": [round(t, 2) for t in times[name]]})
+    return {"target": target_dir, "draft": draft_dir, "threads": threads, "new_tokens": new_tokens, "runs": runs,
+            "prompts": {w: len(p) for w, p in workloads.items()}, "rows": rows}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [f"Speculative decoding, target {res['target']}, draft {res['draft']}: greedy, {res['new_tokens']} new "
+             f"tokens per prompt, {res['threads']} threads, median of {res['runs']} interleaved runs, whole calls",
+             "", "| workload | configuration | tokens/s | vs greedy | same tokens as greedy | acceptance |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+        lines.append(f"| {r['workload']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['vs_greedy']:.2f}x | "
+                     f"{'yes' if r['exact'] else 'NO'} | {acc} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m edgelm.cli.bench_spec",
+        description="Assisted decoding (a draft model) and prompt lookup against plain greedy on the same target, "
+                    "on code completion and an input-grounded edit; checks every configuration reproduces greedy.")
+    parser.add_argument("target", help="the target model's export folder (e.g. Qwen2.5-Coder-1.5B)")
+    parser.add_argument("--draft", help="a draft model's export folder with the same tokenizer (e.g. the 0.5B); "
+                        "without it only prompt lookup is measured")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per configuration (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for both models")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    res = run(args.target, args.draft, args.runs, args.new_tokens, args.threads,
+              log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(markdown(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0 if all(r["exact"] for r in res["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
