@@ -112,12 +112,12 @@ class DraftModelCandidates:
 
 
 def _probability(scores: np.ndarray, tok: int) -> float:
-    """softmax(scores)[tok] without materialising the distribution."""
-    finite = scores[np.isfinite(scores)]
-    if not np.isfinite(scores[tok]) or not finite.size:
+    """softmax(scores)[tok] without materialising the distribution (-inf scores count as 0)."""
+    if not np.isfinite(scores[tok]):
         return 0.0
-    with np.errstate(over="ignore"):  # a far likelier token: probability ~0, which is the answer
-        return float(1.0 / np.exp(finite - scores[tok], dtype=np.float64).sum())
+    with np.errstate(over="ignore"):  # a far likelier token overflows the sum: probability ~0, the right answer
+        total = np.exp(scores - scores[tok]).sum(dtype=np.float64)
+    return float(1.0 / total) if np.isfinite(total) else 0.0
 
 
 def check_assistant(target: Any, assistant: Any) -> None:
