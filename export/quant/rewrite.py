@@ -20,6 +20,7 @@ quality is part of what each export measures (``export.quality``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -72,6 +73,10 @@ def _plain_fused_matmul(node: onnx.NodeProto) -> bool:
             and not _attr(node, "transBatchB", 0))
 
 
+PROGRESS_EVERY = 15.0
+"""Seconds between progress lines while quantizing."""
+
+
 class _Builder:
     def __init__(self, model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None, log: Callable[[str], None],
                  accuracy_level: int):
@@ -89,6 +94,10 @@ class _Builder:
         self.shared_data: dict[str, tuple[str, str]] = {}
         self.report = Report()
         self.counter = 0
+        matrices = [t for t in self.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+        self.progress = {"total": sum(int(np.prod(t.dims)) for t in matrices), "done": 0,
+                         "matrices": len(matrices), "seen": 0, "logged": time.monotonic()}
+        """Weights handled so far, for a progress line every PROGRESS_EVERY seconds (a 1.5B model takes minutes)."""
 
     # --- names and initializers -------------------------------------------------------------
     def _name(self, base: str) -> str:
@@ -172,6 +181,7 @@ class _Builder:
         a MatMul's B is (K, N).
         """
         if init_name not in self.quantized:
+            self._progress()
             array = onnx_files.array(self.inits[init_name])
             w = array if rows_are_outputs else array.T
             if array.ndim != 2 or array.dtype != np.float32:
@@ -184,7 +194,16 @@ class _Builder:
                 else:
                     for part in parts:
                         self.report.count(part)
+            self.progress["done"] += array.size
+            self.progress["seen"] += 1
         return self.quantized[init_name]
+
+    def _progress(self) -> None:
+        p = self.progress
+        now = time.monotonic()
+        if now - p["logged"] >= PROGRESS_EVERY and p["total"]:
+            p["logged"] = now
+            self.log(f"      quantized {p['seen']}/{p['matrices']} matrices, {p['done'] / p['total']:.0%} of the weights")
 
     # --- node builders -------------------------------------------------------------------------
     def _block_sum(self, x: str, k: int, block: int, nodes: list[onnx.NodeProto]) -> str:
