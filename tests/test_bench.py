@@ -111,3 +111,22 @@ def test_report_prints_what_each_system_ran_with():
     }
     text = bench.markdown(results)
     assert "| genai | genai_config decoder session_options via og.Config.overlay | intra_op_num_threads=2" in text
+
+
+def test_speculative_bench_checks_exactness_and_reports_every_configuration(exported):
+    """bench_spec on tiny float32 models: every drafted/looked-up configuration reproduces greedy (a float32 target
+    must), rows carry rates and acceptance, and the command exits 0."""
+    from edgelm.cli import bench_spec
+
+    target, draft = exported("tiny-llama"), exported("tiny-gpt2")
+    loop = [5, 17, 99, 3, 5, 17, 99, 3, 5, 17]  # repeats, so prompt lookup finds drafts
+    workloads = {"code completion": [loop, [7, 8, 9]], "input-grounded edit": [loop * 3]}
+    res = bench_spec.run(str(target), str(draft), runs=1, new_tokens=12, log=lambda s: None, workloads=workloads)
+    assert res["target_dtype"] == "float32"
+    names = {r["config"] for r in res["rows"]}
+    assert {"greedy", "draft, 20 tokens", "draft, heuristic from 5", "prompt lookup, 10"} <= names
+    assert len(res["rows"]) == 2 * len(names)  # both workloads
+    for r in res["rows"]:
+        assert r["exact"] and r["first_difference"] is None, r
+        assert r["tokens_per_s"] > 0 and r["whole_call_tokens_per_s"] > 0
+    assert "| code completion | greedy |" in bench_spec.markdown(res)
