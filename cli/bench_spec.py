@@ -90,6 +90,29 @@ class _Clock:
         pass
 
 
+STEP_TOKENS = (1, 4, 6, 9)
+
+
+def step_costs(lm: Any, prompt: Any, repeats: int = 3) -> dict[int, float]:
+    """Milliseconds of one forward pass on top of ``prompt``'s cache, by tokens fed at once (best of ``repeats``):
+    what a verify pass of n drafts costs against one decode step, the arithmetic of speculative decoding."""
+    import numpy as np
+
+    out = {}
+    n = prompt.shape[1]
+    for m in STEP_TOKENS:
+        best = float("inf")
+        for _ in range(repeats):
+            cache = lm.decoder.new_cache(1)
+            lm.decoder.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], cache)
+            new = np.full((1, m), int(prompt[0, -1]), np.int64)
+            start = time.perf_counter()
+            lm.decoder.step(new, np.ones((1, n + m), np.int64), np.arange(n, n + m)[None], cache)
+            best = min(best, time.perf_counter() - start)
+        out[m] = round(1000 * best, 1)
+    return out
+
+
 def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int = 128, threads: int = 2,
         log: Any = print, workloads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
     """``workloads``: name -> prompts as token ids, instead of the built-in code and edit prompts."""
@@ -110,6 +133,7 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
     lm.generate(first, max_new_tokens=4)  # warm-up
     if draft is not None:
         draft.generate(first, max_new_tokens=4)
+    step_ms = {"target": step_costs(lm, first), "draft": step_costs(draft, first) if draft is not None else None}
     rows = []
     for workload, prompts in workloads.items():
         reference: dict[int, np.ndarray] = {}
@@ -152,7 +176,7 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                          "acceptance": round(statistics.mean(accept[name]), 3) if accept[name] else None,
                          "runs": [round(t, 2) for t in times[name]]})
     return {"target": target_dir, "draft": draft_dir, "threads": threads, "new_tokens": new_tokens, "runs": runs,
-            "target_dtype": lm.manifest.dtype,
+            "target_dtype": lm.manifest.dtype, "step_ms": step_ms,
             "prompts": {w: len(p) for w, p in workloads.items()}, "rows": rows}
 
 
@@ -165,6 +189,11 @@ def markdown(res: dict[str, Any]) -> str:
         acc = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
         lines.append(f"| {r['workload']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['vs_greedy']:.2f}x | "
                      f"{r['whole_call_tokens_per_s']:.1f} | {_same(r)} | {acc} |")
+    steps = res.get("step_ms") or {}
+    for who in ("target", "draft"):
+        if steps.get(who):
+            costs = ", ".join(f"{m} tokens {ms:.1f}" for m, ms in steps[who].items())
+            lines += ["", f"One forward pass of the {who} on a cached prompt, ms by tokens fed at once: {costs}."]
     if not all(r["exact"] for r in res["rows"]) and res.get("target_dtype") != "float32":
         lines += ["", QUANTIZED_NOTE]
     return "\n".join(lines)

@@ -129,4 +129,7 @@ def test_speculative_bench_checks_exactness_and_reports_every_configuration(expo
     for r in res["rows"]:
         assert r["exact"] and r["first_difference"] is None, r
         assert r["tokens_per_s"] > 0 and r["whole_call_tokens_per_s"] > 0
+    assert set(res["step_ms"]["target"]) == set(bench_spec.STEP_TOKENS) and all(
+        ms > 0 for ms in res["step_ms"]["draft"].values())
     assert "| code completion | greedy |" in bench_spec.markdown(res)
+    assert "One forward pass of the draft" in bench_spec.markdown(res)
