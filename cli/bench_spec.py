@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from edgelm.cli.bench_workers import _Clock  # a streamer that only records when tokens arrive
+
 CODE_PROMPTS = (
     'def quicksort(items):\n    """Return a new list with the items sorted in ascending order."""\n',
     'class LRUCache:\n    """A least-recently-used cache with a fixed capacity."""\n\n    def __init__(self, capacity: int):\n',
@@ -75,19 +77,6 @@ def configurations(draft: Any) -> dict[str, dict[str, Any]]:
                                                   num_assistant_tokens_schedule="heuristic")
     configs["prompt lookup, 10"] = dict(prompt_lookup_num_tokens=10)
     return configs
-
-
-class _Clock:
-    """A streamer that records when tokens arrive (its first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 STEP_TOKENS = (1, 4, 6, 9)
