@@ -206,9 +206,9 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
 
         reference = static_reference(src.model, src.tokenizer, static_max_length)
     elif src.task == "causal-lm":
-        from edgelm.export.fused import fusable
+        from edgelm.export.fused import will_fuse
 
-        chunk_batch = 1 if (fuse and fusable(src.model) is None) else None
+        chunk_batch = 1 if will_fuse(src.model, fuse) else None
         reference = validate.causal_reference(src.model, src.tokenizer, chunk_batch)
     else:
         from edgelm.export.masked import masked_input_names

@@ -159,11 +159,11 @@ def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17,
     With ``fuse``, Llama-family attention becomes onnxruntime's RotaryEmbedding + GroupQueryAttention
     (see ``fused``); other models, or ``fuse=False``, keep plain ONNX ops.
     """
-    from edgelm.export.fused import fusable, fused_attention
+    from edgelm.export.fused import fused_attention, will_fuse
 
     layout = probe_layout(model)
     wrapper = CausalLMWrapper(model, layout).eval()
-    fused = fuse and fusable(model) is None
+    fused = will_fuse(model, fuse)
     context = fused_attention(model, wrapper.positions) if fused else contextlib.nullcontext()
     inputs = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
     outputs = ["logits", "last_hidden_state", *layout.output_names()]

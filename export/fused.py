@@ -47,6 +47,12 @@ def fusable(model: nn.Module) -> str | None:
     return None
 
 
+def will_fuse(model: nn.Module, fuse: bool) -> bool:
+    """Whether an export asked to ``fuse`` really fuses this model's attention: the one rule the tracer and the
+    validation plan (GroupQueryAttention takes multi-token chunks one row at a time) both follow."""
+    return bool(fuse) and fusable(model) is None
+
+
 def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for every position, (max_positions, head_dim / 2), computed as transformers computes them."""
     rotary = model.base_model.rotary_emb if hasattr(model.base_model, "rotary_emb") else model.model.rotary_emb

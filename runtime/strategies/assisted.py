@@ -94,14 +94,17 @@ class DraftModelCandidates:
             scores = logits[:, -1].astype(np.float32)
             if rng is not None:
                 scores = processors(np.asarray([tokens], np.int64), scores)
-                tok = int(sample_token(softmax(scores), rng)[0])
+                probs = softmax(scores)
+                tok = int(sample_token(probs, rng)[0])
                 draft_scores.append(scores[0])
+                doubt = self.confidence > 0 and float(probs[0, tok]) < self.confidence  # the draw's own softmax
             else:
                 tok = int(np.argmax(scores[0]))
+                doubt = self.confidence > 0 and _probability(scores[0], tok) < self.confidence
             drafts.append(tok)
             tokens.append(tok)
             new = np.asarray([[tok]], np.int64)
-            if tok in self.eos or (self.confidence > 0 and _probability(scores[0], tok) < self.confidence):
+            if tok in self.eos or doubt:
                 break
         self.cached = np.asarray(tokens[:-1], np.int64)  # the last draft was never fed
         return np.asarray(drafts, np.int64), (np.stack(draft_scores) if rng is not None else None)
