@@ -86,7 +86,7 @@ def _add_export(sub: Any) -> None:
                    help="also write model.ort (ORT format for ONNX Runtime Mobile, arm target) and "
                         "required_operators.config (for a reduced-size onnxruntime build)")
     p.add_argument("--fuse", dest="fuse", action="store_true", default=None,
-                   help="fuse Llama/Mistral/Qwen2 attention into onnxruntime's RotaryEmbedding + GroupQueryAttention "
+                   help="fuse Llama/Mistral/Qwen2 attention into onnxruntime's GroupQueryAttention (packed q/k/v, rotary inside) "
                         "(default on, off with --mobile: a fused .ort needs ONNX Runtime Mobile as new as this converter)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep attention as standard ONNX operators")
     p.add_argument("--static-shapes", action="store_true",

@@ -25,8 +25,9 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _consolidate(raw_dir: Path, out_dir: Path, tie: bool) -> bool:
-    """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``.
+def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str]) -> bool:
+    """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``, every
+    declared input in ``inputs`` present (see ``graph.restore_inputs``).
 
     ``int8-dynamic`` keeps the LM head as its own MatMul (onnxruntime's dynamic quantizer only
     rewrites MatMul, and a float32 head would be the biggest weight read per token); the other
@@ -36,6 +37,7 @@ def _consolidate(raw_dir: Path, out_dir: Path, tie: bool) -> bool:
 
     model = onnx_files.load_graph(raw_dir / MODEL_FILE)
     tied = tie and graph.share_tied_embedding(model)
+    graph.restore_inputs(model, inputs)
     graph.save(model, out_dir / MODEL_FILE)
     return tied
 
@@ -200,7 +202,6 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
     # onnxruntime never loads the graph while the PyTorch weights are still in memory.
     from edgelm.export import validate
 
-    chunk_batch = None
     if static_max_length is not None:
         from edgelm.export.static import static_reference
 
@@ -208,8 +209,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
     elif src.task == "causal-lm":
         from edgelm.export.fused import will_fuse
 
-        chunk_batch = 1 if will_fuse(src.model, fuse) else None
-        reference = validate.causal_reference(src.model, src.tokenizer, chunk_batch)
+        reference = validate.causal_reference(src.model, src.tokenizer, fused=will_fuse(src.model, fuse))
     else:
         from edgelm.export.masked import masked_input_names
 
@@ -228,7 +228,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
 
             layout, inputs, outputs, fused_op = export_causal(src.model, raw_dir / MODEL_FILE, opset, fuse=fuse)
             if fused_op:
-                log(f"      attention fused into onnxruntime's RotaryEmbedding + {fused_op}")
+                log(f"      attention fused into onnxruntime's {fused_op} (packed q/k/v, rotary inside)")
         else:
             from edgelm.export.masked import export_masked
 
@@ -239,7 +239,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
         special = _special_ids(src)
         _free(src)
-        if _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic"):
+        if _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic", inputs=inputs):
             log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
         graph_report = None
@@ -256,7 +256,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
 
             report = check_static(tmp / MODEL_FILE, reference, layout, static_max_length, validate.LOGITS_ATOL)
         elif src.task == "causal-lm":
-            report = validate.check_causal(tmp / MODEL_FILE, reference, chunk_batch)
+            report = validate.check_causal(tmp / MODEL_FILE, reference)
         else:
             report = validate.check_masked(tmp / MODEL_FILE, reference)
         del reference

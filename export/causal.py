@@ -108,7 +108,8 @@ class CausalLMWrapper(nn.Module):
         self.layout = layout
         self.windows = layer_windows(model.config)
         self.positions: dict[str, torch.Tensor] = {}
-        """The current call's position_ids, for fused attention (which cannot get them from transformers)."""
+        """The current call's attention_mask (and position_ids), for fused attention, which needs the 2D mask's
+        width and cannot get it from transformers."""
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -156,7 +157,7 @@ def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17,
                   fuse: bool = True) -> tuple[KVLayout, list[str], list[str], str | None]:
     """Trace ``model`` to ``onnx_path``; return the cache layout, the graph's I/O names and the fused op (or None).
 
-    With ``fuse``, Llama-family attention becomes onnxruntime's RotaryEmbedding + GroupQueryAttention
+    With ``fuse``, Llama-family attention becomes onnxruntime's GroupQueryAttention with its own rotary
     (see ``fused``); other models, or ``fuse=False``, keep plain ONNX ops.
     """
     from edgelm.export.fused import fused_attention, will_fuse

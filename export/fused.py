@@ -1,20 +1,27 @@
-"""Fused attention for the Llama family: onnxruntime's RotaryEmbedding + GroupQueryAttention contrib ops.
+"""Fused attention for the Llama family: onnxruntime's GroupQueryAttention with its own rotary.
 
 A traced Llama layer is ~40 small ONNX nodes of attention (rotate-half slices, concats, the
-KV repeat, two batched MatMuls, softmax); onnxruntime-genai's builder emits two fused
-operators instead, which matters most once weights are quantized and the step is no longer
-bound by reading them. Here the attention modules are swapped, during tracing only, for a
+KV repeat, two batched MatMuls, softmax); onnxruntime-genai's builder emits one fused operator
+instead, which matters most once weights are quantized and the step is no longer bound by
+reading them. Here the attention modules are swapped, during tracing only, for a
 ``torch.autograd.Function`` whose forward is transformers' own computation (so the trace and
-PyTorch agree by construction) and whose ONNX symbolic is the fused pair:
+PyTorch agree by construction) and whose ONNX symbolic is one node per layer:
 
-- ``RotaryEmbedding(q|k, position_ids, cos_cache, sin_cache)``: positions come from the graph's
-  ``position_ids``, so left-padded batches rotate exactly like transformers (GroupQueryAttention's
-  built-in rotary reads positions wrongly for padded batches in the prompt: seen with a standalone
-  GroupQueryAttention graph in onnxruntime 1.32, and covered by the padded-batch parity tests).
-- q, k and v come from one MatMul over the concatenated weights (one kernel, quantized as one).
-- ``GroupQueryAttention(q, k, v, past, seqlens_k = total - 1, total, attention_bias)`` with our
-  additive mask as the bias (padding, causality, sliding window), so the KV cache keeps
+- q, k and v come from one MatMul over the concatenated weights (one kernel, quantized as one)
+  and go into ``GroupQueryAttention`` packed, with ``do_rotary=1``: no Split and no separate
+  ``RotaryEmbedding`` nodes (three fewer per layer; ~6% of a quantized SmolLM2 decode step).
+- ``GroupQueryAttention(qkv, past, seqlens_k = total - 1, total, cos, sin, attention_bias)`` with
+  our additive mask as the bias (padding, causality, sliding window), so the KV cache keeps
   optimum's layout: ``present = concat(past, new)`` with ``num_key_value_heads`` heads.
+
+Rotary positions are cache slots (the kernel's own: ``seqlens_k + 1 - new + i``), not the graph's
+``position_ids``. For an unpadded row the two are the same numbers. For a left-padded row every
+token sits ``pad`` slots later than its position, and rotary attention depends only on the
+distance between a query and a key, which is the same in slots, so the scores are the same up to
+float rounding (the export's padded-batch validation and the fused-vs-plain tests check it). The
+kernel cannot be given per-row positions in a first prompt (it reads one offset for the whole
+batch then), so slots are the only numbering that stays consistent from the prompt to the
+decode steps. ``position_ids`` stays a graph input, for optimum's I/O contract.
 
 onnxruntime's CPU kernel needs a head size that is a multiple of 16 and, with a past, one row
 when more than one token comes in; the runtime splits such chunks into single tokens.
@@ -64,10 +71,10 @@ def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, q, k, v, past_k, past_v, bias, position_ids, seqlens_k, total, cos_table, sin_table,
-                cos, sin):
+    def forward(ctx, module, qkv, past_k, past_v, bias, seqlens_k, total, cos_table, sin_table, cos, sin):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+        q, k, v = qkv.split(_sizes(module), dim=-1)
         batch, seq, _ = q.shape
         d = module.head_dim
         qh = q.view(batch, seq, -1, d).transpose(1, 2)
@@ -80,37 +87,33 @@ class _FusedAttention(torch.autograd.Function):
         return out.reshape(batch, seq, -1), keys, values
 
     @staticmethod
-    def symbolic(g, module, q, k, v, past_k, past_v, bias, position_ids, seqlens_k, total, cos_table, sin_table,
-                 cos, sin):
+    def symbolic(g, module, qkv, past_k, past_v, bias, seqlens_k, total, cos_table, sin_table, cos, sin):
         from torch.onnx import symbolic_helper
 
         config = module.config
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        q_type, k_type = q.type().with_sizes([None] * 3), k.type().with_sizes([None] * 3)
-        q = g.op("com.microsoft::RotaryEmbedding", q, position_ids, cos_table, sin_table, interleaved_i=0,
-                 num_heads_i=heads)
-        k = g.op("com.microsoft::RotaryEmbedding", k, position_ids, cos_table, sin_table, interleaved_i=0,
-                 num_heads_i=kv_heads)
-        q.setType(q_type)
-        k.setType(k_type)
         none = symbolic_helper._optional_input_placeholder_tensor(g)
         out, keys, values = g.op(
-            "com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total, none, none, none, bias,
-            num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=float(module.scaling), local_window_size_i=-1,
-            do_rotary_i=0, outputs=3)
-        out.setType(q_type)  # shapes are dynamic: declare the types so the exporter need not infer them
+            "com.microsoft::GroupQueryAttention", qkv, none, none, past_k, past_v, seqlens_k, total, cos_table,
+            sin_table, none, bias, num_heads_i=config.num_attention_heads, kv_num_heads_i=config.num_key_value_heads,
+            scale_f=float(module.scaling), local_window_size_i=-1, do_rotary_i=1, rotary_interleaved_i=0, outputs=3)
+        # shapes are dynamic: declare the types so the exporter need not infer them
+        out.setType(qkv.type().with_sizes([None] * 3))
         keys.setType(past_k.type().with_sizes([None] * 4))
         values.setType(past_v.type().with_sizes([None] * 4))
         return out, keys, values
+
+
+def _sizes(module: nn.Module) -> list[int]:
+    return [module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features]
 
 
 @contextlib.contextmanager
 def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Iterator[None]:
     """Swap every attention module's forward for the fused one while the block runs.
 
-    ``positions`` must hold the graph's ``position_ids`` and 2D ``attention_mask`` when the model
-    runs (the attention modules only receive cos/sin and the 4D mask); the wrapper refills it
-    per call.
+    ``positions`` must hold the graph's 2D ``attention_mask`` when the model runs (the attention
+    modules only receive cos/sin and the 4D mask, and GroupQueryAttention's lengths come from the
+    mask's width); the wrapper refills it per call.
     """
     cos_table, sin_table = rotary_tables(model)
     originals: list[tuple[nn.Module, Any]] = []
@@ -136,18 +139,15 @@ def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Ite
         biases = [p.bias for p in (module.q_proj, module.k_proj, module.v_proj)]
         if all(b is not None for b in biases):
             module.register_parameter("edgelm_qkv_bias", param(biases))
-        sizes = [module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features]
 
         def forward(hidden_states, position_embeddings, attention_mask, past_key_value=None, cache_position=None,
                     **kwargs):
             layer = past_key_value.layers[module.layer_idx]
             cos, sin = position_embeddings
             qkv = nn.functional.linear(hidden_states, module.edgelm_qkv_weight, getattr(module, "edgelm_qkv_bias", None))
-            q, k, v = qkv.split(sizes, dim=-1)
             seqlens_k, total = lengths()
             out, keys, values = _FusedAttention.apply(
-                module, q, k, v, layer.keys, layer.values, attention_mask, positions["position_ids"], seqlens_k, total,
-                cos_table, sin_table, cos, sin)
+                module, qkv, layer.keys, layer.values, attention_mask, seqlens_k, total, cos_table, sin_table, cos, sin)
             layer.keys, layer.values = keys, values
             return module.o_proj(out), None
 

@@ -74,16 +74,27 @@ class _Stats:
         return float(np.abs(ours - ref)[valid].max()) / scale if valid.any() else 0.0
 
 
-def causal_reference(model: Any, tokenizer: Any, chunk_batch: int | None = None) -> list[dict[str, Any]]:
+def causal_reference(model: Any, tokenizer: Any, fused: bool = False) -> list[dict[str, Any]]:
     """PyTorch's outputs for the checked steps: prefill a left-padded batch of 2, decode 3 steps, then a 3-token chunk.
 
     Computed before the export so that the PyTorch model can be freed before onnxruntime loads the
-    graph: the two never need to be in memory together. ``chunk_batch=1`` runs the chunk on the
-    second row only: onnxruntime's GroupQueryAttention takes several new tokens on top of a past for
-    one row at a time (the runtime splits others).
+    graph: the two never need to be in memory together. A ``fused`` graph (see ``export.fused``)
+    gets the chunk on the second row only (onnxruntime's GroupQueryAttention takes several new
+    tokens on top of a past for one row at a time; the runtime splits others), and its cache is
+    compared with PyTorch run on cache-slot positions, which is what such a graph stores: its logits
+    are still compared with PyTorch on the real positions.
     """
+    steps = _causal_steps(model, tokenizer, fused, slots=False)
+    if fused:
+        for step, slotted in zip(steps, _causal_steps(model, tokenizer, fused, slots=True)):
+            step["presents"] = slotted["presents"]
+    return steps
+
+
+def _causal_steps(model: Any, tokenizer: Any, fused: bool, slots: bool) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
+    chunk_batch = 1 if fused else None
     ids, mask = _left_pad(tokenizer, PROMPTS)
     batch = ids.shape[0]
     cache = DynamicCache()
@@ -104,9 +115,10 @@ def causal_reference(model: Any, tokenizer: Any, chunk_batch: int | None = None)
             full_mask = np.concatenate([full_mask, np.ones_like(step_ids)], axis=1)
         new = step_ids.shape[1]
         pos = _positions(full_mask, new)
+        run_pos = np.broadcast_to(np.arange(full_mask.shape[1] - new, full_mask.shape[1]), pos.shape) if slots else pos
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(full_mask),
-                        position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True,
+                        position_ids=torch.from_numpy(np.ascontiguousarray(run_pos)), past_key_values=cache, use_cache=True,
                         output_hidden_states=True)
         cache = ref.past_key_values
         logits = ref.logits.numpy().copy()
@@ -119,7 +131,7 @@ def causal_reference(model: Any, tokenizer: Any, chunk_batch: int | None = None)
     return steps
 
 
-def check_causal(onnx_path: Path, steps: list[dict[str, Any]], chunk_batch: int | None = None) -> dict[str, Any]:
+def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Run the graph through ``causal_reference``'s steps, feeding its own cache back; compare every output."""
     import onnxruntime as ort
 
@@ -152,7 +164,7 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]], chunk_batch: int 
     report = {
         "steps": [s["name"] for s in steps],
         "batch": batch,
-        "chunk_batch": chunk_batch or batch,
+        "chunk_batch": next((s["feeds"]["input_ids"].shape[0] for s in steps if s["name"] == "chunk"), batch),
         **stats.logits_report(),
         "max_rel_diff_last_hidden_state": stats.hidden,
         "max_rel_diff_present": stats.present,

@@ -98,22 +98,30 @@ class Decoder:
 
     def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int) -> tuple[np.ndarray, np.ndarray | None]:
         """One session run through the C-level IOBinding (see kv_cache's docstring for why); the cache binds
-        its own past and presents and takes the outputs back."""
-        binding = self.session.io_binding()
+        its own past and presents and takes the outputs back.
+
+        A cache may keep its binding from step to step with its buffers still bound (``SharedKVCache``,
+        ``kept``): inputs and the logits are rebound by name, which replaces them in place,
+        so the outputs keep the order of the first binding: logits, the hidden state, the presents.
+        Such a binding always returns the hidden state (the graph computes it anyway), so that its
+        place never moves.
+        """
+        binding, kept = cache.binding(self.session)
         raw = binding._iobinding
         # The bound values wrap these arrays' memory: they must stay referenced until the run is over.
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in feeds.items()}
         for name, value in arrays.items():
             raw.bind_input(name, value)
         raw.bind_output("logits", self._cpu)
-        if want_hidden:
+        with_hidden = want_hidden or (self.has_hidden and kept)
+        if with_hidden:
             raw.bind_output("last_hidden_state", self._cpu)
         cache.bind(binding, self.present_names, self._cache_device, new)
         self.session.run_with_iobinding(binding)
         outs = raw.get_outputs()
         logits = outs[0].numpy()
         hidden = outs[1].numpy() if want_hidden else None
-        cache.adopt(outs, 2 if want_hidden else 1, new)
+        cache.adopt(outs, 2 if with_hidden else 1, new)
         return logits, hidden
 
 

@@ -133,3 +133,19 @@ def test_speculative_bench_checks_exactness_and_reports_every_configuration(expo
         ms > 0 for ms in res["step_ms"]["draft"].values())
     assert "| code completion | greedy |" in bench_spec.markdown(res)
     assert "One forward pass of the draft" in bench_spec.markdown(res)
+
+
+def test_quality_report_agrees_with_the_export_and_adds_a_held_out_text(exported):
+    """The benchmark's perplexity (its own code, onnxruntime on the graph) equals what the export measured on
+    the built-in text; the held-out text is other tokens, and both ratios reach the table."""
+    from edgelm.cli import bench_quality
+
+    quantized, reference = exported("tiny-llama", quantize="int4"), exported("tiny-llama")
+    q = bench_quality.quality(str(quantized), str(reference), threads=1)
+    own = json.loads((quantized / "edgelm.json").read_text())["validation"]["quality"]
+    assert q["perplexity_ratio"] == pytest.approx(own["ratio"], rel=1e-3)
+    assert q["heldout_tokens"] == bench_quality.HELDOUT_TOKENS
+    assert bench_quality.heldout_ids(reference)[:50] != bench_quality.text_ids(reference)[:50]
+    assert q["heldout_perplexity_ratio"] > 1.0 and q["heldout_perplexity_ratio"] != q["perplexity_ratio"]
+    table = bench_quality.quality_markdown(q, "int4")
+    assert "ratio on held-out text" in table and f"{q['heldout_perplexity_ratio']:.4f}" in table

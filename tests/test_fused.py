@@ -1,4 +1,4 @@
-"""Fused attention (RotaryEmbedding + GroupQueryAttention) and the file layout of large exports."""
+"""Fused attention (GroupQueryAttention with packed q/k/v and its own rotary) and the file layout of large exports."""
 
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ def test_llama_family_attention_is_fused(arch, exported):
     layers = man["num_layers"]
     if arch in FUSED:
         assert man["attention"] == "GroupQueryAttention"
-        assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
-        assert ops["Softmax"] == 0
+        assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 0 and ops["Softmax"] == 0
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        # optimum's inputs stay, position_ids included, although rotary now reads cache slots
+        assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+        assert all(any(a.name == "do_rotary" and a.i == 1 for a in n.attribute)
+                   for n in graph.node if n.op_type == "GroupQueryAttention")
     else:
         assert man["attention"] == "onnx" and ops["GroupQueryAttention"] == 0
 

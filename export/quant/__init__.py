@@ -85,7 +85,7 @@ def _scheme(name: str, src: Path, ctx: Context):
     else:
         ctx.log("      calibration: not run on this graph (static shapes or not a causal LM); the search weighs "
                 "every input alike")
-    return (Int8Scheme if name == "int8" else Int4Scheme)(calibrate.importance(acts))
+    return (Int8Scheme if name == "int8" else Int4Scheme)(acts)
 
 
 def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:

@@ -22,14 +22,15 @@ def builtin_text(name: str) -> str:
     return resources.files("edgelm.export").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
-    """activation name -> a weight initializer it multiplies (MatMul / FusedMatMul B inputs)."""
+def weight_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """activation name -> the weight initializers it multiplies (MatMul / FusedMatMul B inputs; gate and up
+    projections read the same one)."""
     inits = {t.name for t in model.graph.initializer}
-    out = {}
+    out: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type in ("MatMul", "FusedMatMul") and len(node.input) > 1 and node.input[1] in inits \
                 and node.input[0] not in inits:
-            out.setdefault(node.input[0], node.input[1])
+            out.setdefault(node.input[0], []).append(node.input[1])
     return out
 
 
@@ -76,9 +77,9 @@ def activations(model_path: Path, token_ids: list[int], window: int = 512) -> di
                 rows[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return {acts[name]: np.concatenate(parts) for name, parts in rows.items() if parts}
-
-
-def importance(acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """weight name -> mean square of each input channel (K,)."""
-    return {name: (x.astype(np.float64) ** 2).mean(axis=0).astype(np.float32) for name, x in acts.items()}
+    out = {}
+    for name, parts in rows.items():
+        if parts:
+            x = np.concatenate(parts)
+            out.update((weight, x) for weight in acts[name])  # one array, shared by the weights that read it
+    return out

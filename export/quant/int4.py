@@ -22,3 +22,4 @@ class Int4Scheme(SearchedScheme):
     shifts = (-1.0, 0.0, 1.0)
     """Zero points tried around the one the step implies."""
     source = "int4 (searched)"
+    gptq = True
