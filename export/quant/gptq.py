@@ -31,7 +31,8 @@ estimate how 1,536 inputs co-vary poorly, and plain GPTQ then fits the calibrati
 other text: on SmolLM2 it made the 4-bit linear layers worse than the search alone (perplexity ratio 1.180
 against 1.092, tied table kept float). Shrinking toward the diagonal keeps the part of the error
 hand-off that holds on other text: 1.074 at 0.3, 1.055 at 0.6, 1.048 at 0.8, 1.052 at 0.9 (picked on the
-built-in quality text; `benchmarks/int4_heldout.py` checks the pick on text neither run has seen)."""
+built-in quality text; ``edgelm bench --reference`` also measures a held-out text, see
+``cli/bench_quality.py``: 1.0408 for SmolLM2's int4 there)."""
 
 
 def hessian(x: np.ndarray) -> np.ndarray:
