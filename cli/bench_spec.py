@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from edgelm.cli.bench_workers import _Clock  # a streamer that only records when tokens arrive
+from edgelm.cli.bench_workers import TokenClock
 
 CODE_PROMPTS = (
     'def quicksort(items):\n    """Return a new list with the items sorted in ascending order."""\n',
@@ -136,7 +136,7 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                 total = decoding = 0.0
                 for i, prompt in enumerate(prompts):
                     ids = np.asarray([prompt], np.int64)
-                    clock = _Clock()
+                    clock = TokenClock()
                     start = time.perf_counter()
                     out = lm.generate(ids, streamer=clock, **kw, **extra)
                     elapsed = time.perf_counter() - start

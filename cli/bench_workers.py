@@ -52,7 +52,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class _Clock:
+class TokenClock:
     """A transformers-style streamer that only records when tokens arrive (the first put is the prompt)."""
 
     def __init__(self) -> None:
@@ -66,7 +66,7 @@ class _Clock:
 
 
 def _timed(call: Callable[[Any], Any], streamed: bool, new_tokens: int) -> dict[str, float]:
-    clock = _Clock()
+    clock = TokenClock()
     start = time.perf_counter()
     call(clock if streamed else None)
     end = time.perf_counter()
@@ -195,7 +195,7 @@ def run_genai(model: str, req: dict) -> dict:
     prompt = req["prompt_ids"]
     kw = dict(STRATEGIES[req["strategy"]])
 
-    def generate(n: int, clock: _Clock | None) -> None:
+    def generate(n: int, clock: TokenClock | None) -> None:
         params = og.GeneratorParams(lm)
         opts = {"max_length": len(prompt) + n, "min_length": len(prompt) + n, "do_sample": kw["do_sample"]}
         for key in ("temperature", "top_p", "top_k", "num_beams", "length_penalty", "early_stopping"):

@@ -27,7 +27,7 @@ def _version() -> str:
 
 def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str]) -> bool:
     """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``, every
-    declared input in ``inputs`` present (see ``graph.restore_inputs``).
+    declared ``position_ids`` input present (see ``graph.restore_position_ids``).
 
     ``int8-dynamic`` keeps the LM head as its own MatMul (onnxruntime's dynamic quantizer only
     rewrites MatMul, and a float32 head would be the biggest weight read per token); the other
@@ -37,7 +37,7 @@ def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str]) -> 
 
     model = onnx_files.load_graph(raw_dir / MODEL_FILE)
     tied = tie and graph.share_tied_embedding(model)
-    graph.restore_inputs(model, inputs)
+    graph.restore_position_ids(model, inputs)
     graph.save(model, out_dir / MODEL_FILE)
     return tied
 

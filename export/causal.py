@@ -107,15 +107,15 @@ class CausalLMWrapper(nn.Module):
         self.model = model
         self.layout = layout
         self.windows = layer_windows(model.config)
-        self.positions: dict[str, torch.Tensor] = {}
-        """The current call's attention_mask (and position_ids), for fused attention, which needs the 2D mask's
-        width and cannot get it from transformers."""
+        self.call: dict[str, torch.Tensor] = {}
+        """The current call's 2D attention_mask, for fused attention, which needs its width and cannot get it
+        from transformers."""
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        self.positions.clear()
-        self.positions.update(position_ids=position_ids, attention_mask=attention_mask)
+        self.call.clear()
+        self.call["attention_mask"] = attention_mask
         cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)))
         query_len = input_ids.shape[1]
         mask_arg = mask_argument(self.model.config,
@@ -165,7 +165,7 @@ def export_causal(model: nn.Module, onnx_path: Path, opset: int = 17,
     layout = probe_layout(model)
     wrapper = CausalLMWrapper(model, layout).eval()
     fused = will_fuse(model, fuse)
-    context = fused_attention(model, wrapper.positions) if fused else contextlib.nullcontext()
+    context = fused_attention(model, wrapper.call) if fused else contextlib.nullcontext()
     inputs = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
     outputs = ["logits", "last_hidden_state", *layout.output_names()]
     axes = {

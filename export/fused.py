@@ -108,10 +108,10 @@ def _sizes(module: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Iterator[None]:
+def fused_attention(model: nn.Module, call: dict[str, torch.Tensor]) -> Iterator[None]:
     """Swap every attention module's forward for the fused one while the block runs.
 
-    ``positions`` must hold the graph's 2D ``attention_mask`` when the model runs (the attention
+    ``call`` must hold the graph's 2D ``attention_mask`` when the model runs (the attention
     modules only receive cos/sin and the 4D mask, and GroupQueryAttention's lengths come from the
     mask's width); the wrapper refills it per call.
     """
@@ -121,11 +121,11 @@ def fused_attention(model: nn.Module, positions: dict[str, torch.Tensor]) -> Ite
     def lengths() -> tuple[torch.Tensor, torch.Tensor]:
         """GroupQueryAttention's seqlens_k (batch,) = total - 1 and total (scalar), int32, once per graph:
         every slot of the cache counts (padding is in the bias), so they follow the mask's width."""
-        if "seqlens_k" not in positions:
-            width = torch.ones_like(positions["attention_mask"], dtype=torch.int32).sum(dim=1, dtype=torch.int32)
-            positions["seqlens_k"] = width - 1
-            positions["total"] = width[0]
-        return positions["seqlens_k"], positions["total"]
+        if "seqlens_k" not in call:
+            width = torch.ones_like(call["attention_mask"], dtype=torch.int32).sum(dim=1, dtype=torch.int32)
+            call["seqlens_k"] = width - 1
+            call["total"] = width[0]
+        return call["seqlens_k"], call["total"]
 
     def make_forward(module: nn.Module):
         # One MatMul for q, k and v (one quantized kernel instead of three), split after. The fused

@@ -58,26 +58,23 @@ def share_tied_embedding(model: onnx.ModelProto) -> bool:
     return False
 
 
-def restore_inputs(model: onnx.ModelProto, declared: list[str]) -> list[str]:
-    """Put back declared inputs that the tracer dropped because no node reads them; returns their names.
+def restore_position_ids(model: onnx.ModelProto, declared: list[str]) -> bool:
+    """Put ``position_ids`` back when it was declared but the tracer dropped it because no node reads it.
 
     Fused attention takes rotary positions from the cache slots, so nothing reads ``position_ids``
     any more, and torch's exporter removes an unread input. Callers that feed optimum's inputs by
     name (optimum itself, our runtime, user code) would then fail with "invalid input name", so the
-    input comes back, typed like ``input_ids``, and is simply not read.
+    input comes back in its declared place, typed like ``input_ids``, and is simply not read.
     """
-    present = {i.name for i in model.graph.input}
-    template = next((i for i in model.graph.input if i.name == "input_ids"), None)
-    restored = []
-    for position, name in enumerate(declared):
-        if name in present or template is None or name != "position_ids":
-            continue
-        value = onnx.ValueInfoProto()
-        value.CopyFrom(template)
-        value.name = name
-        model.graph.input.insert(min(position, len(model.graph.input)), value)
-        restored.append(name)
-    return restored
+    inputs = model.graph.input
+    names = [i.name for i in inputs]
+    if "position_ids" not in declared or "position_ids" in names or "input_ids" not in names:
+        return False
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(inputs[names.index("input_ids")])
+    value.name = "position_ids"
+    inputs.insert(min(declared.index("position_ids"), len(inputs)), value)
+    return True
 
 
 def optimize_offline(path: Path) -> dict[str, int]:

@@ -66,7 +66,7 @@ def test_gptq_beats_the_search_on_correlated_inputs(monkeypatch):
     errors = {}
     for shrink in (0.0, gptq.SHRINK):
         monkeypatch.setattr(gptq, "SHRINK", shrink)
-        rounded = gptq.quantize(w, gptq.hessian(x), 4, 32, grid, shifts, "t")
+        rounded = gptq.quantize(w, gptq.Inputs(gptq.hessian(x)), 4, 32, grid, shifts, "t")
         assert rounded.zero_points is not None and rounded.q.max() <= 15 and rounded.scales.shape == (96, 8)
         errors[shrink] = np.linalg.norm(x @ rounded.dequantize().T - ref)
     plain, shipped = errors[0.0], errors[max(errors)]

@@ -30,15 +30,26 @@ SHRINK = 0.8
 estimate how 1,536 inputs co-vary poorly, and plain GPTQ then fits the calibration text at the expense of
 other text: on SmolLM2 it made the 4-bit linear layers worse than the search alone (perplexity ratio 1.180
 against 1.092, tied table kept float). Shrinking toward the diagonal keeps the part of the error
-hand-off that holds on other text: 1.074 at 0.3, 1.055 at 0.6, 1.048 at 0.8, 1.052 at 0.9 (picked on the
-built-in quality text; ``edgelm bench --reference`` also measures a held-out text, see
-``cli/bench_quality.py``: 1.0408 for SmolLM2's int4 there)."""
+hand-off that holds on other text: 1.074 at 0.3, 1.055 at 0.6, 1.048 at 0.8, 1.052 at 0.9. These figures
+come from a one-off sweep while choosing the value (the export's own quality measurement, tied table kept
+float), which no script in the repository repeats; the value was picked on the built-in quality text, and
+``edgelm bench --reference`` also measures a held-out text (``cli/bench_quality.py``)."""
 
 
 def hessian(x: np.ndarray) -> np.ndarray:
     """Second moments of a layer's inputs, (K, K), from its activations (tokens, K)."""
     x = x.astype(np.float64)
     return x.T @ x / max(len(x), 1)
+
+
+class Inputs:
+    """What GPTQ needs of a layer's inputs, computed once for every weight that reads them (gate and up
+    projections share theirs): the per-channel mean squares the block search weighs by, and the upper
+    Cholesky factor of H^-1."""
+
+    def __init__(self, h: np.ndarray):
+        self.importance = np.maximum(np.diag(h), 1e-12)
+        self.factor = _inverse_cholesky(h)
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
@@ -51,14 +62,13 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(inv.T @ inv).T
 
 
-def quantize(w: np.ndarray, h: np.ndarray, bits: int, block: int, grid: np.ndarray, shifts: tuple[float, ...],
+def quantize(w: np.ndarray, inputs: Inputs, bits: int, block: int, grid: np.ndarray, shifts: tuple[float, ...],
              source: str) -> BlockQuant:
     """``w`` (N, K) -> ``bits``-bit blocks of ``block`` with integer zero points, columns rounded by GPTQ."""
     n, k = w.shape
     max_code = 2 ** bits - 1
     work = w.astype(np.float64).copy()
-    u = _inverse_cholesky(h)
-    importance = np.maximum(np.diag(h), 1e-12)
+    u, importance = inputs.factor, inputs.importance
     codes = np.empty((n, k), np.uint8)
     nb = k // block
     zeros = np.empty((n, nb), np.uint8)
