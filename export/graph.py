@@ -23,7 +23,10 @@ from onnx import helper
 
 from edgelm.export.onnx_files import EXTERNAL_DATA, array, load_graph, save
 
-__all__ = ["EXTERNAL_DATA", "fuse_skip_rms_norm", "optimize_offline", "save", "share_tied_embedding"]
+__all__ = ["EXTERNAL_DATA", "LOGITS_TO_KEEP", "add_logits_to_keep", "fuse_skip_rms_norm", "optimize_offline", "save",
+           "share_tied_embedding"]
+
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def share_tied_embedding(model: onnx.ModelProto) -> bool:
@@ -74,6 +77,48 @@ def restore_position_ids(model: onnx.ModelProto, declared: list[str]) -> bool:
     value.CopyFrom(inputs[names.index("input_ids")])
     value.name = "position_ids"
     inputs.insert(min(declared.index("position_ids"), len(inputs)), value)
+    return True
+
+
+def add_logits_to_keep(model: onnx.ModelProto) -> bool:
+    """Let callers ask for the logits of the last k positions only, as transformers' ``logits_to_keep`` does.
+
+    A prompt's prefill needs the next-token logits of its last position, but the LM head is the widest
+    matrix of a small model (SmolLM2: 49,152 x 576), so computing it for every prompt position costs
+    about a fifth of a long prefill. The new input ``logits_to_keep`` (int64, shape [1]) slices the
+    final hidden state before the head: k > 0 keeps the last k positions, 0 keeps them all. It is an
+    initializer as well as an input, so its default (0, every position) applies when a caller does
+    not feed it: optimum, perplexity and user code that feed optimum's inputs see the old graph.
+    ``last_hidden_state`` stays whole (contrastive search reads every position). Returns False when
+    the graph has no final hidden state that only the head reads.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    hidden = "last_hidden_state"
+    if hidden not in outputs or "logits" not in outputs or any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return False
+    readers = [n for n in graph.node if hidden in n.input]
+    if not readers:
+        return False
+    sliced = f"{hidden}_kept"
+    for node in readers:
+        for i, name in enumerate(node.input):
+            if name == hidden:
+                node.input[i] = sliced
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
+    graph.initializer.extend([
+        helper.make_tensor(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1], [0]),
+        helper.make_tensor(f"{LOGITS_TO_KEEP}_end", onnx.TensorProto.INT64, [1], [np.iinfo(np.int64).max]),
+        helper.make_tensor(f"{LOGITS_TO_KEEP}_axis", onnx.TensorProto.INT64, [1], [1]),
+    ])
+    position = min(list(graph.node).index(n) for n in readers)
+    nodes = [
+        helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{LOGITS_TO_KEEP}_start"], name="logits_to_keep_start"),
+        helper.make_node("Slice", [hidden, f"{LOGITS_TO_KEEP}_start", f"{LOGITS_TO_KEEP}_end", f"{LOGITS_TO_KEEP}_axis"],
+                         [sliced], name="logits_to_keep_slice"),
+    ]
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
     return True
 
 

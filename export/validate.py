@@ -135,7 +135,9 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]
     """Run the graph through ``causal_reference``'s steps, feeding its own cache back; compare every output."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # onnxruntime warns at every load that logits_to_keep has a default; that is its purpose
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     first = steps[0]["presents"]
     batch = steps[0]["feeds"]["input_ids"].shape[0]
@@ -161,8 +163,9 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]
                 valid = np.broadcast_to(key_valid, ours.shape)
                 stats.present = max(stats.present, stats.rel(ours, ref_t, valid))
                 past[f"past_key_values.{i}.{kv}"] = ours
+    kept = _check_logits_to_keep(sess, steps[0], stats)
     report = {
-        "steps": [s["name"] for s in steps],
+        "steps": [s["name"] for s in steps] + (["prefill, last position's logits only"] if kept else []),
         "batch": batch,
         "chunk_batch": next((s["feeds"]["input_ids"].shape[0] for s in steps if s["name"] == "chunk"), batch),
         **stats.logits_report(),
@@ -190,13 +193,35 @@ def masked_reference(model: Any, tokenizer: Any, input_names: list[str]) -> dict
 def check_masked(onnx_path: Path, reference: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # onnxruntime warns at every load that logits_to_keep has a default; that is its purpose
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], reference["feeds"])[0]
     stats = _Stats()
     stats.compare_logits(got, reference["logits"], reference["valid"])
     report = {"batch": 2, **stats.logits_report()}
     _judge(report, stats.logits, 0.0)
     return report
+
+
+def _check_logits_to_keep(sess: Any, prefill: dict[str, Any], stats: "_Stats") -> bool:
+    """Rerun the prefill asking for the last position's logits only (``graph.add_logits_to_keep``): they must
+    come out alone and match PyTorch's last position like the full run did. False when the graph has
+    no such input."""
+    if not any(i.name == "logits_to_keep" for i in sess.get_overridable_initializers()):
+        return False
+    feeds = dict(prefill["feeds"])
+    batch = feeds["input_ids"].shape[0]
+    for i, pair in enumerate(prefill["presents"]):
+        for kv, t in zip(("key", "value"), pair):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((batch, t.shape[1], 0, t.shape[3]), np.float32)
+    feeds["logits_to_keep"] = np.array([1], np.int64)
+    got = sess.run(["logits"], feeds)[0]
+    ref = prefill["logits"][:, -1:]
+    if got.shape != ref.shape:
+        raise ExportError(f"logits_to_keep=1 gave logits of shape {got.shape}, expected {ref.shape}")
+    stats.compare_logits(got, ref, np.ones(ref.shape[:2], bool))
+    return True
 
 
 def _judge(report: dict[str, Any], logits_diff: float, state_diff: float) -> None:

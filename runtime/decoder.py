@@ -53,6 +53,10 @@ class Decoder:
             if isinstance(dim, int) and dim != want:
                 raise ModelLoadError(f"the manifest's {what} ({want}) disagrees with the graph ({dim}); re-export the model")
         self.has_position_ids = "position_ids" in self.input_names
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        """The graph can compute the LM head for the last k positions only (edgelm exports since it was
+        added; see ``export.graph.add_logits_to_keep``); others always return every position's logits."""
+        self._keep_values: dict[int, tuple[np.ndarray, object]] = {}
         self.static = False
         self.one_row_chunks = manifest.attention == "GroupQueryAttention"
         self.shared_buffer = self.one_row_chunks and os.environ.get("EDGELM_KV_SHARED_BUFFER", "1") != "0"
@@ -76,8 +80,13 @@ class Decoder:
         return KVCache.empty(self.past_names, batch, self.num_kv_heads, self.head_dim, device=self.device)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
-             want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run ``input_ids`` (batch, new) on top of ``cache``; returns logits (batch, new, vocab) and hidden state."""
+             want_hidden: bool = False, keep: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``input_ids`` (batch, new) on top of ``cache``; returns logits and the hidden state (batch, new, hidden).
+
+        The logits are (batch, new, vocab), or (batch, keep, vocab) for the last ``keep`` positions when
+        ``keep`` > 0: a prefill that only needs the next token asks for 1 and skips the LM head for
+        the rest of the prompt, as transformers' ``logits_to_keep`` does.
+        """
         if want_hidden and not self.has_hidden:
             raise UnsupportedError(
                 "this model's graph has no last_hidden_state output (an optimum export?); contrastive search needs "
@@ -89,14 +98,26 @@ class Decoder:
             total = attention_mask.shape[1]
             outs = [self.step(input_ids[:, t: t + 1], attention_mask[:, : total - new + t + 1], position_ids[:, t: t + 1],
                               cache, want_hidden) for t in range(new)]
-            return (np.concatenate([o[0] for o in outs], axis=1),
+            logits = np.concatenate([o[0] for o in outs], axis=1)
+            return (logits[:, -keep:] if keep else logits,
                     np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
-        return self._run(feeds, cache, want_hidden, new)
+        # Fed every step when the graph has it: a kept binding would otherwise hold the last call's value.
+        logits, hidden = self._run(feeds, cache, want_hidden, new, max(keep, 0) if self.keeps_logits else None)
+        return (logits[:, -keep:] if keep and logits.shape[1] > keep else logits), hidden
 
-    def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _keep_value(self, keep: int):
+        """``logits_to_keep`` as a C-level OrtValue, made once per value (a decode step always asks for 1)."""
+        pair = self._keep_values.get(keep)
+        if pair is None:  # the OrtValue wraps the array's memory: both are kept
+            array = np.array([keep], np.int64)
+            pair = self._keep_values[keep] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)  # a race only makes an equal pair twice
+        return pair[1]
+
+    def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int,
+             keep: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """One session run through the C-level IOBinding (see kv_cache's docstring for why); the cache binds
         its own past and presents and takes the outputs back.
 
@@ -112,6 +133,8 @@ class Decoder:
         arrays = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in feeds.items()}
         for name, value in arrays.items():
             raw.bind_input(name, value)
+        if keep is not None:  # an input with a default (an initializer): bindable only as an OrtValue
+            raw.bind_ortvalue_input("logits_to_keep", self._keep_value(keep))
         raw.bind_output("logits", self._cpu)
         with_hidden = want_hidden or (self.has_hidden and kept)
         if with_hidden:
@@ -153,7 +176,7 @@ class StaticDecoder(Decoder):
         return StaticKVCache(self.past_names, batch, self.num_kv_heads, self.head_dim, self.capacity)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: StaticKVCache,
-             want_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+             want_hidden: bool = False, keep: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         new = input_ids.shape[1]
         if cache.length + new > self.capacity:
             raise InputError(
@@ -169,4 +192,5 @@ class StaticDecoder(Decoder):
             logits.append(step_logits)
             if want_hidden:
                 hidden.append(step_hidden)
+        logits = logits[-keep:] if keep else logits
         return np.concatenate(logits, axis=1), (np.concatenate(hidden, axis=1) if want_hidden else None)

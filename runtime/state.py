@@ -70,20 +70,21 @@ class DecodeState:
         """(batch, 1) position of a token appended next."""
         return self._real[:, None].copy()
 
-    def forward(self, new: int) -> np.ndarray:
-        """Run the last ``new`` tokens; returns their logits (batch, new, vocab) as float32."""
+    def forward(self, new: int, keep: int = 0) -> np.ndarray:
+        """Run the last ``new`` tokens; returns their logits (batch, new, vocab), or the last ``keep`` of them, as float32."""
         ids = self._ids[:, self.cur - new: self.cur]
-        logits, hidden = self.decoder.step(ids, self.attention_mask, self._positions(new), self.cache, self.want_hidden)
+        logits, hidden = self.decoder.step(ids, self.attention_mask, self._positions(new), self.cache, self.want_hidden,
+                                           keep)
         self.hidden = hidden
         self.steps += 1
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def prefill(self) -> np.ndarray:
         """Run the prompt's tokens that the cache does not hold yet; logits of the last one."""
-        return self.forward(self.cur - self.cache.length)[:, -1, :]
+        return self.forward(self.cur - self.cache.length, keep=1)[:, -1, :]
 
     def forward_last(self) -> np.ndarray:
-        return self.forward(1)[:, -1, :]
+        return self.forward(1, keep=1)[:, -1, :]
 
     def _grow(self, extra: int) -> None:
         if self.cur + extra <= self._ids.shape[1]:

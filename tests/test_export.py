@@ -28,7 +28,8 @@ def test_causal_export_validates_with_optimum_names(arch, exported):
     assert man["task"] == "causal-lm"
     assert man["validation"]["passed"] is True
     assert man["validation"]["max_abs_diff_logits"] < 1e-3
-    assert man["validation"]["steps"] == ["prefill", "decode0", "decode1", "decode2", "chunk"]
+    assert man["validation"]["steps"] == ["prefill", "decode0", "decode1", "decode2", "chunk",
+                                          "prefill, last position's logits only"]
     inputs, outputs = _names(folder)
     n = man["num_layers"]
     assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
@@ -56,6 +57,46 @@ def test_causal_graph_shapes_are_dynamic(arch, exported):
         assert outs["logits"].shape == (batch, new, man["vocab_size"])
         assert outs["last_hidden_state"].shape == (batch, new, man["hidden_size"])
         assert outs["present.0.key"].shape == (batch, h, past + new, d)
+        for keep in (1, 2, new + 3, 0):  # the last k positions; 0 (the default) and k > new give them all
+            kept = dict(zip([o.name for o in sess.get_outputs()],
+                            sess.run(None, {**feeds, "logits_to_keep": np.array([keep], np.int64)})))
+            want = outs["logits"][:, -keep:] if keep else outs["logits"]
+            assert kept["logits"].shape == want.shape
+            np.testing.assert_allclose(kept["logits"], want, atol=1e-5)
+            assert kept["last_hidden_state"].shape == (batch, new, man["hidden_size"])  # contrastive reads it whole
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_logits_to_keep_is_optional_and_used_by_the_prefill(arch, exported, monkeypatch):
+    """``logits_to_keep`` is an input with a default: callers feeding optimum's inputs never see it, while the
+    runtime's prefill asks for the last position only and gets the logits a full run gives there."""
+    from edgelm.runtime import CausalLM
+    from edgelm.runtime.decoder import Decoder
+
+    folder = exported(f"tiny-{arch}")
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "logits_to_keep" not in [i.name for i in sess.get_inputs()]
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    assert "logits_to_keep" in json.loads((folder / "edgelm.json").read_text())["inputs"]
+    lm = CausalLM.load(folder)
+    assert lm.decoder.keeps_logits
+    asked, rows = [], []
+    run = Decoder._run
+
+    def spy(self, feeds, cache, want_hidden, new, keep=None):
+        out = run(self, feeds, cache, want_hidden, new, keep)
+        asked.append((new, keep))
+        rows.append(out[0].shape[1])
+        return out
+
+    monkeypatch.setattr(Decoder, "_run", spy)
+    prompt = np.array([[5, 9, 3, 7, 11, 2]], np.int64)
+    out = lm.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert asked[0] == (6, 1) and rows[0] == 1 and all(k == 1 for _, k in asked)
+    cache = lm.decoder.new_cache(1)
+    full, _ = lm.decoder.step(prompt, np.ones_like(prompt), np.arange(6)[None], cache)
+    assert full.shape[1] == 6 and asked[-1] == (6, 0)
+    assert out[0, 6] == int(full[0, -1].argmax())
 
 
 @pytest.mark.parametrize("arch", MASKED)

@@ -90,7 +90,7 @@ class DraftModelCandidates:
             total = len(tokens)
             mask = np.ones((1, total), np.int64)
             pos = np.arange(total - new.shape[1], total, dtype=np.int64)[None, :]
-            logits, _ = self.lm.decoder.step(new, mask, pos, self.cache)
+            logits, _ = self.lm.decoder.step(new, mask, pos, self.cache, keep=1)
             scores = logits[:, -1].astype(np.float32)
             if rng is not None:
                 scores = processors(np.asarray([tokens], np.int64), scores)
@@ -169,7 +169,7 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         if n:
             state.append(drafts[None, :])
         is_done = bool(n) and bool(stopping(state.input_ids, None).all())
-        logits = state.forward(state.cur - state.cache.length)[:, -(n + 1):, :]
+        logits = state.forward(state.cur - state.cache.length, keep=n + 1)
         stats["target_passes"] += 1
         scores = np.concatenate([processors(state.input_ids[:, : cur + i], logits[:, i, :]) for i in range(n + 1)])
         if sampling and q_scores is not None:
