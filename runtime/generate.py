@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.runtime import config as modes
+from edgelm.runtime import modes
 from edgelm.runtime.config import GenerationConfig
 from edgelm.runtime.errors import GenerationConfigError, InputError, UnsupportedError
 from edgelm.runtime.processors import build_processors

@@ -48,3 +48,18 @@ print(json.dumps(dict(out=out.tolist(), fm=[c['token'] for c in fm])))
     export = subprocess.run([str(venv / "bin" / "edgelm"), "export", str(causal), str(tmp_path / "x")],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert export.returncode == 2 and "edgelm[export]" in export.stderr
+
+
+def test_every_package_folder_is_packaged():
+    """A subpackage missing from pyproject's explicit list works in an editable install and is absent from a wheel
+    (``edgelm.export.quant`` once was): every folder with an ``__init__.py`` must be listed, mapped to itself."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = setup["package-dir"]
+    folders = {str(p.parent.relative_to(ROOT)) for top in ("cli", "export", "runtime", "models")
+               for p in (ROOT / top).rglob("__init__.py")}
+    listed = {dirs[name] for name in setup["packages"]}
+    assert folders == listed, f"unlisted: {sorted(folders - listed)}, stale: {sorted(listed - folders)}"
+    for name in setup["packages"]:
+        assert dirs[name].replace("/", ".") == name.removeprefix("edgelm."), name
