@@ -94,6 +94,8 @@ def test_demo_tokenizer_matches_tokenizers(smollm2_mobile, tmp_path):
 
 
 def test_demo_greedy_matches_python_runtime(smollm2_mobile, tmp_path):
+    # The core feeds logits_to_keep=1 to a prefill when the export lists it: onnxruntime-node must take it.
+    assert "logits_to_keep" in json.loads((smollm2_mobile / "edgelm.json").read_text())["inputs"]
     out = _core(smollm2_mobile, {"generate": PROMPTS}, tmp_path)
     lm = CausalLM.load(smollm2_mobile, model_file="model.ort")
     for case, got in zip(PROMPTS, out["generate"]):

@@ -41,6 +41,9 @@ function int64(values: number[], dims: number[]): Tensor {
 
 export class Generator {
   readonly pastNames: string[];
+  /** The export takes `logits_to_keep` (edgelm exports since it was added): the prefill then asks for
+   * the last position's logits only instead of the LM head over the whole prompt. */
+  readonly keepsLogits: boolean;
   lastStats: GenerationStats | null = null;
 
   constructor(private readonly session: InferenceSession, readonly manifest: Manifest) {
@@ -53,6 +56,7 @@ export class Generator {
     if (missing.length) {
       throw new Error(`the model graph lacks ${missing.slice(0, 3).join(', ')}: it does not match edgelm.json; re-export it`);
     }
+    this.keepsLogits = manifest.staticMaxLength === null && manifest.inputs.includes('logits_to_keep');
     if (manifest.staticMaxLength !== null && !inputs.has('cache_position')) {
       throw new Error('edgelm.json says static shapes but the graph has no cache_position input; re-export it');
     }
@@ -128,6 +132,7 @@ export class Generator {
         input_ids: int64(promptIds, [1, promptIds.length]),
         attention_mask: int64(promptIds.map(() => 1), [1, promptIds.length]),
         ...(hasPositions ? { position_ids: int64(promptIds.map((_, i) => i), [1, promptIds.length]) } : {}),
+        ...(this.keepsLogits ? { logits_to_keep: int64([1], [1]) } : {}),
         ...this.emptyCache(0),
       });
       logits = first.logits;
