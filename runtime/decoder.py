@@ -111,9 +111,9 @@ class Decoder:
     def _keep_value(self, keep: int):
         """``logits_to_keep`` as a C-level OrtValue, made once per value (a decode step always asks for 1)."""
         pair = self._keep_values.get(keep)
-        if pair is None:  # the OrtValue wraps the array's memory: both are kept
+        if pair is None:  # the OrtValue wraps the array's memory, so both are kept; a race makes an equal pair twice
             array = np.array([keep], np.int64)
-            pair = self._keep_values[keep] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)  # a race only makes an equal pair twice
+            pair = self._keep_values[keep] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)
         return pair[1]
 
     def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int,
