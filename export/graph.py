@@ -85,7 +85,7 @@ def add_logits_to_keep(model: onnx.ModelProto) -> bool:
 
     A prompt's prefill needs the next-token logits of its last position, but the LM head is the widest
     matrix of a small model (SmolLM2: 49,152 x 576), so computing it for every prompt position costs
-    about a fifth of a long prefill. The new input ``logits_to_keep`` (int64, shape [1]) slices the
+    about a tenth of a 512- or 2048-token float32 prefill (measured once on SmolLM2). The new input ``logits_to_keep`` (int64, shape [1]) slices the
     final hidden state before the head: k > 0 keeps the last k positions, 0 keeps them all. It is an
     initializer as well as an input, so its default (0, every position) applies when a caller does
     not feed it: optimum, perplexity and user code that feed optimum's inputs see the old graph.

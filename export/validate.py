@@ -133,11 +133,7 @@ def _causal_steps(model: Any, tokenizer: Any, fused: bool, slots: bool) -> list[
 
 def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Run the graph through ``causal_reference``'s steps, feeding its own cache back; compare every output."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # onnxruntime warns at every load that logits_to_keep has a default; that is its purpose
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = _session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     first = steps[0]["presents"]
     batch = steps[0]["feeds"]["input_ids"].shape[0]
@@ -191,17 +187,23 @@ def masked_reference(model: Any, tokenizer: Any, input_names: list[str]) -> dict
 
 
 def check_masked(onnx_path: Path, reference: dict[str, Any]) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # onnxruntime warns at every load that logits_to_keep has a default; that is its purpose
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = _session(onnx_path)
     got = sess.run(["logits"], reference["feeds"])[0]
     stats = _Stats()
     stats.compare_logits(got, reference["logits"], reference["valid"])
     report = {"batch": 2, **stats.logits_report()}
     _judge(report, stats.logits, 0.0)
     return report
+
+
+def _session(onnx_path: Path) -> Any:
+    """A quiet CPU session: onnxruntime warns at every load of a causal export that ``logits_to_keep`` has a
+    default value, which is the point of it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
 def _check_logits_to_keep(sess: Any, prefill: dict[str, Any], stats: "_Stats") -> bool:
