@@ -12,8 +12,8 @@ exit 1 (on an int8-activation target see ``QUANTIZED_NOTE``). The figure compare
 minus the prompt's prefill, which is the same work in every configuration and on the edit prompt would
 hide the decoding speed. The prefill is timed once per prompt before the runs, as the faster of two
 warm one-token calls (a first call on a new prompt length can carry one-off set-up, which would make a
-configuration's "decoding" time come out short or even negative on a tiny model). (Drafted tokens arrive in bursts, so timing from the first streamed token would flatter
-assisted decoding.) Whole-call tokens/s, prefill included, is reported beside it. One process,
+configuration's "decoding" time come out short or even negative on a tiny model). Drafted tokens
+arrive in bursts, so timing from the first streamed token would flatter assisted decoding. Whole-call tokens/s, prefill included, is reported beside it. One process,
 configurations interleaved run by run so that machine noise hits all alike; figures are medians.
 
     python -m edgelm.cli.bench_spec TARGET_DIR --draft DRAFT_DIR [--runs 3] [--new-tokens 128]

@@ -25,12 +25,14 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str], keep_logits: bool) -> bool:
+def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str],
+                 keep_logits: bool) -> tuple[bool, list[str]]:
     """The traced graph into ``out_dir`` (external data when large), tied embedding shared if ``tie``, every
     declared ``position_ids`` input present (see ``graph.restore_position_ids``), and an optional
     ``logits_to_keep`` input if ``keep_logits`` so that a prefill computes the LM head for its last
-    position only (``graph.add_logits_to_keep``; appended to ``inputs``). Static-shape graphs go
-    without: a data-dependent slice would give their logits a dynamic shape.
+    position only (``graph.add_logits_to_keep``). Static-shape graphs go without: a data-dependent
+    slice would give their logits a dynamic shape. Returns whether the embedding was shared, and the
+    graph's inputs (``inputs`` plus ``logits_to_keep`` when added).
 
     ``int8-dynamic`` keeps the LM head as its own MatMul (onnxruntime's dynamic quantizer only
     rewrites MatMul, and a float32 head would be the biggest weight read per token); the other
@@ -42,9 +44,9 @@ def _consolidate(raw_dir: Path, out_dir: Path, tie: bool, inputs: list[str], kee
     tied = tie and graph.share_tied_embedding(model)
     graph.restore_position_ids(model, inputs)
     if keep_logits and graph.add_logits_to_keep(model):
-        inputs.append(graph.LOGITS_TO_KEEP)
+        inputs = [*inputs, graph.LOGITS_TO_KEEP]
     graph.save(model, out_dir / MODEL_FILE)
-    return tied
+    return tied, inputs
 
 
 def _free(src: Any) -> None:
@@ -244,8 +246,9 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
         special = _special_ids(src)
         _free(src)
-        if _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic", inputs=inputs,
-                        keep_logits=src.task == "causal-lm" and static_max_length is None):
+        tied, inputs = _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic", inputs=inputs,
+                                    keep_logits=src.task == "causal-lm" and static_max_length is None)
+        if tied:
             log("      tied embedding stored once (the LM head multiplies by the embedding table)")
         shutil.rmtree(raw_dir)
         graph_report = None

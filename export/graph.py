@@ -84,13 +84,14 @@ def add_logits_to_keep(model: onnx.ModelProto) -> bool:
     """Let callers ask for the logits of the last k positions only, as transformers' ``logits_to_keep`` does.
 
     A prompt's prefill needs the next-token logits of its last position, but the LM head is the widest
-    matrix of a small model (SmolLM2: 49,152 x 576), so computing it for every prompt position costs
-    about a tenth of a 512- or 2048-token float32 prefill (measured once on SmolLM2). The new input ``logits_to_keep`` (int64, shape [1]) slices the
-    final hidden state before the head: k > 0 keeps the last k positions, 0 keeps them all. It is an
-    initializer as well as an input, so its default (0, every position) applies when a caller does
-    not feed it: optimum, perplexity and user code that feed optimum's inputs see the old graph.
-    ``last_hidden_state`` stays whole (contrastive search reads every position). Returns False when
-    the graph has no final hidden state that only the head reads.
+    matrix of a small model (SmolLM2: 49,152 x 576); computing it for every prompt position cost about a
+    tenth of a 512- or 2048-token float32 prefill (measured once on SmolLM2). The new input
+    ``logits_to_keep`` (int64, shape [1]) slices the final hidden state before whatever reads it (the
+    head): k > 0 keeps the last k positions, 0 keeps them all. It is an initializer as well as an input,
+    so its default (0, every position) applies when a caller does not feed it: optimum, perplexity and
+    user code that feed optimum's inputs see the old graph. The ``last_hidden_state`` output stays whole
+    (contrastive search reads every position). Returns False, changing nothing, when the graph lacks the
+    ``logits``/``last_hidden_state`` outputs, no node reads the hidden state, or the input exists already.
     """
     graph = model.graph
     outputs = {o.name for o in graph.output}

@@ -135,10 +135,8 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]
     """Run the graph through ``causal_reference``'s steps, feeding its own cache back; compare every output."""
     sess = _session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
-    first = steps[0]["presents"]
     batch = steps[0]["feeds"]["input_ids"].shape[0]
-    past = {f"past_key_values.{i}.{kv}": np.zeros((batch, t.shape[1], 0, t.shape[3]), np.float32)
-            for i, pair in enumerate(first) for kv, t in zip(("key", "value"), pair)}
+    past = _empty_past(steps[0]["presents"], batch)
     stats = _Stats()
     for step in steps:
         if step["keep"] is not None:
@@ -196,6 +194,12 @@ def check_masked(onnx_path: Path, reference: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _empty_past(presents: list[tuple[np.ndarray, np.ndarray]], batch: int) -> dict[str, np.ndarray]:
+    """An empty cache (no positions yet) shaped like PyTorch's ``presents``, in optimum's input names."""
+    return {f"past_key_values.{i}.{kv}": np.zeros((batch, t.shape[1], 0, t.shape[3]), np.float32)
+            for i, pair in enumerate(presents) for kv, t in zip(("key", "value"), pair)}
+
+
 def _session(onnx_path: Path) -> Any:
     """A quiet CPU session: onnxruntime warns at every load of a causal export that ``logits_to_keep`` has a
     default value, which is the point of it."""
@@ -210,14 +214,12 @@ def _check_logits_to_keep(sess: Any, prefill: dict[str, Any], stats: "_Stats") -
     """Rerun the prefill asking for the last position's logits only (``graph.add_logits_to_keep``): they must
     come out alone and match PyTorch's last position like the full run did. False when the graph has
     no such input."""
-    if not any(i.name == "logits_to_keep" for i in sess.get_overridable_initializers()):
+    from edgelm.export.graph import LOGITS_TO_KEEP
+
+    if not any(i.name == LOGITS_TO_KEEP for i in sess.get_overridable_initializers()):
         return False
-    feeds = dict(prefill["feeds"])
-    batch = feeds["input_ids"].shape[0]
-    for i, pair in enumerate(prefill["presents"]):
-        for kv, t in zip(("key", "value"), pair):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((batch, t.shape[1], 0, t.shape[3]), np.float32)
-    feeds["logits_to_keep"] = np.array([1], np.int64)
+    feeds = {**prefill["feeds"], **_empty_past(prefill["presents"], prefill["feeds"]["input_ids"].shape[0]),
+             LOGITS_TO_KEEP: np.array([1], np.int64)}
     got = sess.run(["logits"], feeds)[0]
     ref = prefill["logits"][:, -1:]
     if got.shape != ref.shape:

@@ -99,14 +99,14 @@ class Decoder:
             outs = [self.step(input_ids[:, t: t + 1], attention_mask[:, : total - new + t + 1], position_ids[:, t: t + 1],
                               cache, want_hidden) for t in range(new)]
             logits = np.concatenate([o[0] for o in outs], axis=1)
-            return (logits[:, -keep:] if keep else logits,
-                    np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None)
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.has_position_ids:
-            feeds["position_ids"] = position_ids
-        # Fed every step when the graph has it: a kept binding would otherwise hold the last call's value.
-        logits, hidden = self._run(feeds, cache, want_hidden, new, max(keep, 0) if self.keeps_logits else None)
-        return (logits[:, -keep:] if keep and logits.shape[1] > keep else logits), hidden
+            hidden = np.concatenate([o[1] for o in outs], axis=1) if want_hidden else None
+        else:
+            feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.has_position_ids:
+                feeds["position_ids"] = position_ids
+            # Fed every step when the graph has it: a kept binding would otherwise hold the last call's value.
+            logits, hidden = self._run(feeds, cache, want_hidden, new, keep if self.keeps_logits else None)
+        return (logits[:, -keep:] if keep else logits), hidden  # a no-op view when the graph already kept them
 
     def _keep_value(self, keep: int):
         """``logits_to_keep`` as a C-level OrtValue, made once per value (a decode step always asks for 1)."""
