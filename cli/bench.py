@@ -102,10 +102,15 @@ def _genai_python(given: str | None) -> str | None:
     return None
 
 
+def genai_build_dir(checkpoint: Path, precision: str) -> Path:
+    """Where ``--anchors`` keeps onnxruntime-genai's build of ``checkpoint`` (built once, reused by later runs)."""
+    return _bench_cache(f"genai-{precision}", checkpoint)
+
+
 def _genai_model(python: str, checkpoint: Path, precision: str, log: Log) -> Path:
     from edgelm.models.cache import atomic_dir
 
-    out = _bench_cache(f"genai-{precision}", checkpoint)
+    out = genai_build_dir(checkpoint, precision)
     if not (out / "genai_config.json").is_file():
         with atomic_dir(out, overwrite=True) as tmp:
             _run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(tmp),

@@ -149,3 +149,31 @@ def test_quality_report_agrees_with_the_export_and_adds_a_held_out_text(exported
     assert q["heldout_perplexity_ratio"] > 1.0 and q["heldout_perplexity_ratio"] != q["perplexity_ratio"]
     table = bench_quality.quality_markdown(q, "int4")
     assert "ratio on held-out text" in table and f"{q['heldout_perplexity_ratio']:.4f}" in table
+
+
+def test_graph_bench_times_each_graph_with_its_cache_written(exported, tmp_path, capsys):
+    """bench_graph drives a fused graph on one shared KV buffer and a plain one by concatenation; in both the
+    steps' keys reach the cache (the worker checks it and fails the run otherwise), and the table reads back
+    the threads each session ran with."""
+    from edgelm.cli import bench_graph
+
+    fused, plain = exported("tiny-llama"), exported("tiny-gpt2")
+    one = bench_graph.step_times(fused / "model.onnx", threads=1, prompt=3, steps=4)
+    assert one["cache"] == "shared buffer" and one["cache_written"] and one["threads"] == 1
+    assert bench_graph.step_times(plain / "model.onnx", threads=1, prompt=0, steps=4)["cache"] == "concat"
+    out = tmp_path / "graph.json"
+    assert bench_graph.main([str(fused), str(plain), "--runs", "1", "--steps", "4", "--prompt", "3", "--threads", "2",
+                             "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [g["cache"] for g in res["graphs"]] == ["shared buffer", "concat"]
+    assert all(g["intra_op_num_threads"] == 2 and g["step_ms"]["median"] > 0 and g["nodes"] > 0 for g in res["graphs"])
+    assert "| 2 | shared buffer |" in capsys.readouterr().out
+
+
+def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
+    from edgelm.cli import bench_graph
+
+    with pytest.raises(SystemExit, match="neither an export folder"):
+        bench_graph.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --checkpoint"):
+        bench_graph.main(["genai:int4"])

