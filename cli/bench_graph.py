@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be at least 1")
     if args.prompt < 0:
         p.error("--prompt must be 0 or more")
-    paths = [resolve(g, args.checkpoint) for g in args.graphs]
+    paths = list(dict.fromkeys(resolve(g, args.checkpoint) for g in args.graphs))  # a graph named twice runs once
     res = measure(paths, args.runs, args.threads, args.prompt, args.steps)
     print(markdown(res))
     if args.out:
