@@ -40,9 +40,9 @@ for q in gguf int8 int4 int8-dynamic; do
 done
 # The graphs alone, same driver for both runtimes (no generation loop): what each runtime adds around its graph
 # is the difference between this table and the ones above.
-python3 -m edgelm.cli.bench_graph "$MODELS/smollm2-fp32" genai:fp32 "$MODELS/smollm2-int8" genai:int8 \
-    "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-gguf" --checkpoint "$CKPT" --runs "$RUNS" --threads 2 \
-    --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
+python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 "$MODELS/smollm2-int8" genai:int8 \
+    "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --runs "$RUNS" \
+    --threads 2 --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
 python3 -m edgelm.cli.bench_chat "$MODELS/smollm2-fp32" --turns 10 --threads 2 --out "$OUT/conversation.json" \
     | tee "$OUT/conversation.md"
 echo "benchmarks: tables, JSON and plots in $OUT/" >&2

@@ -159,17 +159,20 @@ def _nodes(path: Path) -> int:
 
 
 def markdown(res: dict) -> str:
-    graphs = res["graphs"]
-    base = graphs[0]["step_ms"]["median"]
     lines = [f"Bare decode step, raw onnxruntime, cache growing from {res['prompt'] + WARMUP_STEPS} tokens over "
              f"{res['steps']} timed steps, {res['threads']} threads requested, median of {res['runs']} rounds of "
              "fresh processes", "",
-             "| graph | threads read back | KV cache | nodes | step ms | tokens/s | vs first |",
-             "|---|---|---|---|---|---|---|"]
-    for g in graphs:
+             "| graph | threads read back | KV cache | nodes | step ms | tokens/s |", "|---|---|---|---|---|---|"]
+    by_path = {g["graph"]: g for g in res["graphs"]}
+    for g in res["graphs"]:
         s = g["step_ms"]
         lines.append(f"| {g['graph']} | {g['intra_op_num_threads']} | {g['cache']} | {g['nodes']} | {s['median']:.2f} "
-                     f"({s['min']:.2f}-{s['max']:.2f}) | {1000 / s['median']:.1f} | {s['median'] / base:.2f}x |")
+                     f"({s['min']:.2f}-{s['max']:.2f}) | {1000 / s['median']:.1f} |")
+    if res.get("pairs"):
+        lines += ["", "| graph | against | tokens/s, graph / against |", "|---|---|---|"]
+        for ours, theirs in res["pairs"]:
+            ratio = by_path[theirs]["step_ms"]["median"] / by_path[ours]["step_ms"]["median"]
+            lines.append(f"| {ours} | {theirs} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for every graph (default 2)")
     p.add_argument("--prompt", type=int, default=64, help="cache slots filled before the first step (default 64)")
     p.add_argument("--steps", type=int, default=128, help="timed steps per process (default 128)")
+    p.add_argument("--pairs", action="store_true",
+                   help="read the graphs as (graph, anchor) pairs and add each graph's tokens/s against its anchor "
+                        "(a graph may appear in several pairs; it is measured once)")
     p.add_argument("--out", help="also write the JSON result here")
     args = p.parse_args(argv)
     for name in ("runs", "threads", "steps"):
@@ -195,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be at least 1")
     if args.prompt < 0:
         p.error("--prompt must be 0 or more")
-    paths = list(dict.fromkeys(resolve(g, args.checkpoint) for g in args.graphs))  # a graph named twice runs once
+    named = [resolve(g, args.checkpoint) for g in args.graphs]
+    if args.pairs and len(named) % 2:
+        p.error(f"--pairs needs an even number of graphs (graph, anchor, graph, anchor, ...), got {len(named)}")
+    paths = list(dict.fromkeys(named))  # a graph named twice runs once
     res = measure(paths, args.runs, args.threads, args.prompt, args.steps)
+    if args.pairs:
+        res["pairs"] = [[str(named[i]), str(named[i + 1])] for i in range(0, len(named), 2)]
     print(markdown(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -162,12 +162,16 @@ def test_graph_bench_times_each_graph_with_its_cache_written(exported, tmp_path,
     assert one["cache"] == "shared buffer" and one["cache_written"] and one["threads"] == 1
     assert bench_graph.step_times(plain / "model.onnx", threads=1, prompt=0, steps=4)["cache"] == "concat"
     out = tmp_path / "graph.json"
-    assert bench_graph.main([str(fused), str(plain), "--runs", "1", "--steps", "4", "--prompt", "3", "--threads", "2",
-                             "--out", str(out)]) == 0
+    assert bench_graph.main(["--pairs", str(fused), str(plain), str(plain), str(fused), "--runs", "1", "--steps", "4",
+                             "--prompt", "3", "--threads", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [g["cache"] for g in res["graphs"]] == ["shared buffer", "concat"]
+    assert [g["cache"] for g in res["graphs"]] == ["shared buffer", "concat"]  # each measured once
     assert all(g["intra_op_num_threads"] == 2 and g["step_ms"]["median"] > 0 and g["nodes"] > 0 for g in res["graphs"])
-    assert "| 2 | shared buffer |" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "| 2 | shared buffer |" in text
+    ms = {g["graph"]: g["step_ms"]["median"] for g in res["graphs"]}
+    there = f"| {fused / 'model.onnx'} | {plain / 'model.onnx'} | {ms[str(plain / 'model.onnx')] / ms[str(fused / 'model.onnx')]:.2f}x |"
+    assert there in text
 
 
 def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
@@ -177,3 +181,6 @@ def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
         bench_graph.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="needs --checkpoint"):
         bench_graph.main(["genai:int4"])
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(SystemExit):  # argparse's error: an odd number of graphs cannot be paired
+        bench_graph.main(["--pairs", str(tmp_path)])

@@ -114,3 +114,35 @@ def test_shared_buffer_cache_equals_concatenation(exported):
     assert a.length == b.length and a.capacity >= a.length > 5
     for x, y in zip(a.numpy(), b.numpy()):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_shared_buffer_steps_hand_back_arrays_the_caller_keeps(exported):
+    """onnxruntime writes a kept binding's logits and hidden state into arrays the decoder allocates per step
+    (nothing is fetched from onnxruntime afterwards): an array a caller keeps (recorded scores, contrastive
+    search's hidden states) must not change under later steps, and must hold what a fresh, unbound run gives."""
+    shared = CausalLM.load(exported("tiny-llama")).decoder
+    fresh = CausalLM.load(exported("tiny-llama")).decoder
+    fresh.shared_buffer = False
+    ids = np.array([[5, 17, 99, 3]])
+    mask = np.ones_like(ids)
+    pos = np.arange(4)[None]
+    a, b = shared.new_cache(1), fresh.new_cache(1)
+    kept = []
+    for step in range(4):
+        la, ha = shared.step(ids, mask, pos, a, want_hidden=True, keep=1)
+        lb, hb = fresh.step(ids, mask, pos, b, want_hidden=True, keep=1)
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        np.testing.assert_allclose(ha, hb, atol=1e-5)
+        assert la.shape == (1, 1, shared.vocab_size) and ha.shape[:2] == ids.shape
+        # one more token on both, without asking for the hidden state: the kept binding still computes it
+        # (its outputs keep their places) but hands back None
+        assert shared.step(np.array([[7]]), np.ones((1, a.length + 1), np.int64), np.array([[a.length]]), a)[1] is None
+        fresh.step(np.array([[7]]), np.ones((1, b.length + 1), np.int64), np.array([[b.length]]), b)
+        kept.append((la, la.copy(), ha, ha.copy()))
+        ids = np.array([[int(np.argmax(la[0, -1]))]])
+        mask = np.ones((1, a.length + 1), np.int64)
+        pos = np.array([[a.length]])
+    for logits, logits_then, hidden, hidden_then in kept:
+        np.testing.assert_array_equal(logits, logits_then)
+        np.testing.assert_array_equal(hidden, hidden_then)
+    assert not any(np.shares_memory(kept[i][0], kept[j][0]) for i in range(4) for j in range(i + 1, 4))
