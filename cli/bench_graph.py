@@ -85,7 +85,7 @@ def step_times(path: Path, threads: int, prompt: int, steps: int) -> dict:
             feeds["position_ids"] = np.array([[past]], np.int64)
         for key, value in feeds.items():
             binding.bind_cpu_input(key, value)
-        if not shared or past == prompt:
+        if not shared or past == prompt:  # a shared buffer is bound once, on the first step
             for name, value in values.items():
                 binding.bind_ortvalue_input(name, value)
             for out in outputs:
@@ -108,8 +108,8 @@ def step_times(path: Path, threads: int, prompt: int, steps: int) -> dict:
     times = [run(prompt + WARMUP_STEPS + i) for i in range(steps)]
     last = prompt + WARMUP_STEPS + steps
     first = next(iter(values.values())).numpy()
+    # Each step's keys reached the cache (in place for a shared buffer, and nothing past the last step).
     written = bool(np.abs(first[:, :, last - 1]).sum() > 0) and (not shared or not first[:, :, last:].any())
-    """Each step's keys reached the cache (in place for a shared buffer, and nothing past the last step)."""
     return {"median_s": statistics.median(times), "threads": session.get_session_options().intra_op_num_threads,
             "cache": "shared buffer" if shared else "concat", "cache_written": written}
 
@@ -125,8 +125,10 @@ def _cache_dims(path: Path, shape: list) -> tuple[int, int]:
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
     if (folder / "edgelm.json").is_file():
-        manifest = json.loads((folder / "edgelm.json").read_text())
-        return int(manifest["num_key_value_heads"]), int(manifest["head_dim"])
+        from edgelm.runtime.manifest import read_manifest
+
+        manifest = read_manifest(folder)
+        return int(manifest.num_key_value_heads), int(manifest.head_dim)
     raise SystemExit(f"bench_graph: {path}: the KV cache shape {shape} names no head count and size, and no "
                      "genai_config.json or edgelm.json beside it does")
 

@@ -67,22 +67,10 @@ class Decoder:
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._cache_device = ort.OrtDevice.make(self.device, 0)._get_c_device()
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        vocab_dim = outputs["logits"].shape[-1]
+        vocab_dim = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
         if isinstance(vocab_dim, int) and manifest.vocab_size and vocab_dim != manifest.vocab_size:
             raise ModelLoadError(
                 f"the manifest's vocab_size ({manifest.vocab_size}) disagrees with the graph's logits ({vocab_dim}); re-export")
-        self.vocab_size = vocab_dim if isinstance(vocab_dim, int) else manifest.vocab_size
-        self.logits_dtype = np.float16 if outputs["logits"].type == "tensor(float16)" else np.float32
-        hidden_dim = outputs["last_hidden_state"].shape[-1] if self.has_hidden else None
-        self.hidden_size = hidden_dim if isinstance(hidden_dim, int) else manifest.hidden_size
-        self.hidden_dtype = (np.float16 if self.has_hidden and outputs["last_hidden_state"].type == "tensor(float16)"
-                             else np.float32)
-        self.own_outputs = self.device == "cpu" and bool(self.vocab_size) and (not self.has_hidden or bool(self.hidden_size))
-        """onnxruntime writes the logits (and the hidden state) straight into arrays edgelm allocates, whose
-        shapes are known before the run: no output for ``get_outputs()`` to wrap when the cache's
-        buffers are bound too (a kept binding), which is most of what Python did per step beyond
-        binding the token. Off where a shape is not known (then onnxruntime allocates as before)."""
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
         """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""
@@ -147,31 +135,17 @@ class Decoder:
             raw.bind_input(name, value)
         if keep is not None:  # an input with a default (an initializer): bindable only as an OrtValue
             raw.bind_ortvalue_input("logits_to_keep", self._keep_value(keep))
+        raw.bind_output("logits", self._cpu)
         with_hidden = want_hidden or (self.has_hidden and kept)
-        batch = arrays["input_ids"].shape[0]
-        logits = hidden = None
-        if self.own_outputs:
-            rows = min(keep, new) if keep else new
-            logits = np.empty((batch, rows, self.vocab_size), self.logits_dtype)
-            raw.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits)._ortvalue)
-            if with_hidden:
-                hidden = np.empty((batch, new, self.hidden_size), self.hidden_dtype)
-                raw.bind_ortvalue_output("last_hidden_state", ort.OrtValue.ortvalue_from_numpy(hidden)._ortvalue)
-        else:
-            raw.bind_output("logits", self._cpu)
-            if with_hidden:
-                raw.bind_output("last_hidden_state", self._cpu)
+        if with_hidden:
+            raw.bind_output("last_hidden_state", self._cpu)
         cache.bind(binding, self.present_names, self._cache_device, new)
         self.session.run_with_iobinding(binding)
-        if self.own_outputs and cache.owns_presents:
-            cache.adopt((), 0, new)  # every output is in memory edgelm holds: nothing to fetch
-        else:
-            outs = raw.get_outputs()
-            if logits is None:
-                logits = outs[0].numpy()
-                hidden = outs[1].numpy() if with_hidden else None
-            cache.adopt(outs, 2 if with_hidden else 1, new)
-        return logits, (hidden if want_hidden else None)
+        outs = raw.get_outputs()
+        logits = outs[0].numpy()
+        hidden = outs[1].numpy() if want_hidden else None
+        cache.adopt(outs, 2 if with_hidden else 1, new)
+        return logits, hidden
 
 
 class StaticDecoder(Decoder):

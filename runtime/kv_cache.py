@@ -53,9 +53,6 @@ def _presents(outputs, first: int) -> list:
 class KVCache:
     """Past keys and values of every layer for a batch of rows."""
 
-    owns_presents = False
-    """The presents are new values onnxruntime allocates each step (the decoder fetches them for ``adopt``)."""
-
     def __init__(self, names: Sequence[str], values: list, device: str = "cpu", device_id: int = 0):
         self.names = list(names)
         self.values = values
@@ -149,9 +146,6 @@ class SharedKVCache:
         self._bound = False
         """Whether ``self.values`` are bound in ``self._binding`` as they are now."""
 
-    owns_presents = True
-    """The presents are written into this cache's own buffers: the decoder need not fetch them."""
-
     def _zeros(self, capacity: int):
         b, h, d = self.shape
         return owned(np.zeros((b, h, capacity, d), self.dtype), self.device, self.device_id)
@@ -220,8 +214,6 @@ class StaticKVCache:
     next past, so nothing is reallocated. Cropping only lowers ``length``: slots past it are
     masked out and overwritten by later tokens.
     """
-
-    owns_presents = False
 
     def __init__(self, names: Sequence[str], batch: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype=np.float32):

@@ -117,9 +117,10 @@ def test_shared_buffer_cache_equals_concatenation(exported):
 
 
 def test_shared_buffer_steps_hand_back_arrays_the_caller_keeps(exported):
-    """onnxruntime writes a kept binding's logits and hidden state into arrays the decoder allocates per step
-    (nothing is fetched from onnxruntime afterwards): an array a caller keeps (recorded scores, contrastive
-    search's hidden states) must not change under later steps, and must hold what a fresh, unbound run gives."""
+    """A kept binding (the shared-buffer cache binds once and reruns) hands back logits and hidden states as
+    views of onnxruntime's outputs: an array a caller keeps (recorded scores, contrastive search's hidden
+    states) must not change under later steps, and must hold what a fresh, unbound run gives. Guards any
+    change that would let onnxruntime write into reused output buffers."""
     shared = CausalLM.load(exported("tiny-llama")).decoder
     fresh = CausalLM.load(exported("tiny-llama")).decoder
     fresh.shared_buffer = False
@@ -133,7 +134,7 @@ def test_shared_buffer_steps_hand_back_arrays_the_caller_keeps(exported):
         lb, hb = fresh.step(ids, mask, pos, b, want_hidden=True, keep=1)
         np.testing.assert_allclose(la, lb, atol=1e-5)
         np.testing.assert_allclose(ha, hb, atol=1e-5)
-        assert la.shape == (1, 1, shared.vocab_size) and ha.shape[:2] == ids.shape
+        assert la.shape == (1, 1, shared.manifest.vocab_size) and ha.shape[:2] == ids.shape
         # one more token on both, without asking for the hidden state: the kept binding still computes it
         # (its outputs keep their places) but hands back None
         assert shared.step(np.array([[7]]), np.ones((1, a.length + 1), np.int64), np.array([[a.length]]), a)[1] is None

@@ -57,9 +57,10 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
 
     With P the order-reversing permutation and P H P = L L^T, H^-1 = (P L^-1 P)^T (P L^-1 P) where
     P L^-1 P is upper triangular: so the factor is one Cholesky and one triangular solve, about a
-    third of the arithmetic of inverting, multiplying and factoring again (GPTQ's reference route),
-    which dominated the export of models with wide layers (Qwen2.5-0.5B's down projections read 4,864
-    inputs). torch's triangular solve does it (numpy has none; torch is an export dependency already).
+    third of the arithmetic of inverting, multiplying and factoring again (GPTQ's reference route). It is
+    computed once per layer input and is cubic in its width, so wide layers feel it (Qwen2.5-0.5B's down
+    projections read 4,864 inputs). torch's triangular solve does it (numpy has none; torch is an export
+    dependency already).
     """
     import torch
 
