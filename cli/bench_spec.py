@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,15 +68,28 @@ EDIT_REQUEST = ("Add type hints to every function of this Python module and retu
                 "unchanged, in one code block.\n\n```python\n" + MODULE + "```")
 
 
-def configurations(draft: Any) -> dict[str, dict[str, Any]]:
+def configurations(draft: Any, cut_draft: Any = None, spinning: tuple[Any, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Name -> generate() arguments; a ``TARGET`` entry runs that configuration on another load of the target."""
     configs: dict[str, dict[str, Any]] = {"greedy": {}}
     if draft is not None:  # every draft stops early after a token it doubts (assistant_confidence_threshold 0.4)
         for n in (5, 8, 20):  # 20: transformers' default num_assistant_tokens
             configs[f"draft, {n} tokens"] = dict(assistant_model=draft, num_assistant_tokens=n)
         configs["draft, heuristic from 5"] = dict(assistant_model=draft, num_assistant_tokens=5,
                                                   num_assistant_tokens_schedule="heuristic")
+    if cut_draft is not None:
+        for n in (5, 8):
+            configs[f"cut draft, {n} tokens"] = dict(assistant_model=cut_draft, num_assistant_tokens=n)
+        configs["cut draft, heuristic from 5"] = dict(assistant_model=cut_draft, num_assistant_tokens=5,
+                                                      num_assistant_tokens_schedule="heuristic")
+    if spinning is not None:  # the same pair loaded with onnxruntime's default spinning (EDGELM_FORCE_SPINNING_STOP=0)
+        target, spin_draft = spinning
+        configs["draft, 8 tokens, workers spinning"] = {TARGET: target, "assistant_model": spin_draft,
+                                                        "num_assistant_tokens": 8}
     configs["prompt lookup, 10"] = dict(prompt_lookup_num_tokens=10)
     return configs
+
+
+TARGET = "target"
 
 
 STEP_TOKENS = (1, 4, 6, 9)
@@ -112,26 +126,44 @@ def step_costs(lm: Any, prompt: Any, repeats: int = 3) -> dict[int, float]:
 
 
 def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int = 128, threads: int = 2,
-        log: Any = print, workloads: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
-    """``workloads``: name -> prompts as token ids, instead of the built-in code and edit prompts."""
+        log: Any = print, workloads: dict[str, list[list[int]]] | None = None, cut_draft_dir: str | None = None,
+        spinning_ablation: bool = False) -> dict[str, Any]:
+    """``workloads``: name -> prompts as token ids, instead of the built-in code and edit prompts.
+    ``cut_draft_dir``: a draft made by ``edgelm draft`` from ``draft_dir``, measured beside it.
+    ``spinning_ablation``: also run the pair loaded with onnxruntime's default thread spinning."""
     import numpy as np
 
     from edgelm.runtime import CausalLM
 
     lm = CausalLM.load(target_dir, threads=threads)
     draft = CausalLM.load(draft_dir, threads=threads) if draft_dir else None
+    cut = CausalLM.load(cut_draft_dir, threads=threads) if cut_draft_dir else None
+    spinning = None
+    if draft is not None and spinning_ablation:
+        from edgelm.runtime.session import SPINNING_STOP_ENV
+
+        saved = os.environ.get(SPINNING_STOP_ENV)
+        os.environ[SPINNING_STOP_ENV] = "0"
+        try:
+            spinning = (CausalLM.load(target_dir, threads=threads), CausalLM.load(draft_dir, threads=threads))
+        finally:
+            if saved is None:
+                os.environ.pop(SPINNING_STOP_ENV)
+            else:
+                os.environ[SPINNING_STOP_ENV] = saved
     workloads = workloads or {
         "code completion": [lm.tokenizer.encode(p) for p in CODE_PROMPTS],
         "input-grounded edit": [lm.tokenizer.apply_chat_template([{"role": "user", "content": EDIT_REQUEST}],
                                                                  add_generation_prompt=True)],
     }
-    configs = configurations(draft)
+    configs = configurations(draft, cut, spinning)
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     first = np.asarray([next(iter(workloads.values()))[0]], np.int64)
     lm.generate(first, max_new_tokens=4)  # warm-up
     if draft is not None:
         draft.generate(first, max_new_tokens=4)
-    step_ms = {"target": step_costs(lm, first), "draft": step_costs(draft, first) if draft is not None else None}
+    step_ms = {"target": step_costs(lm, first), "draft": step_costs(draft, first) if draft is not None else None,
+               "cut draft": step_costs(cut, first) if cut is not None else None}
     rows = []
     for workload, prompts in workloads.items():
         reference: dict[int, np.ndarray] = {}
@@ -145,8 +177,10 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                 total = decoding = 0.0
                 for i, prompt in enumerate(prompts):
                     ids = np.asarray([prompt], np.int64)
+                    target = extra.get(TARGET, lm)
+                    args = {k: v for k, v in extra.items() if k != TARGET}
                     start = time.perf_counter()
-                    out = lm.generate(ids, **kw, **extra)
+                    out = target.generate(ids, **kw, **args)
                     elapsed = time.perf_counter() - start
                     total += elapsed
                     decoding += elapsed - prefill[i]
@@ -155,7 +189,7 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                     elif i in reference and not np.array_equal(out, reference[i]):
                         at = int(np.flatnonzero(out[0] != reference[i][0])[0]) - ids.shape[1]
                         first_diff[name] = at if first_diff[name] is None else min(first_diff[name], at)
-                    stats = lm.last_assisted_stats if extra else None
+                    stats = target.last_assisted_stats if args else None
                     if stats and stats["candidates"]:
                         accept[name].append(stats["accepted"] / stats["candidates"])
                 times[name].append(len(prompts) * (new_tokens - 1) / decoding)
@@ -170,13 +204,14 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                          "whole_call_tokens_per_s": round(statistics.median(whole[name]), 2),
                          "acceptance": round(statistics.mean(accept[name]), 3) if accept[name] else None,
                          "runs": [round(t, 2) for t in times[name]]})
-    return {"target": target_dir, "draft": draft_dir, "threads": threads, "new_tokens": new_tokens, "runs": runs,
+    return {"target": target_dir, "draft": draft_dir, "cut_draft": cut_draft_dir, "threads": threads, "new_tokens": new_tokens, "runs": runs,
             "target_dtype": lm.manifest.dtype, "step_ms": step_ms,
             "prompts": {w: len(p) for w, p in workloads.items()}, "rows": rows}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"Speculative decoding, target {res['target']}, draft {res['draft']}: greedy, {res['new_tokens']} new "
+    cut = f", cut draft {res['cut_draft']}" if res.get("cut_draft") else ""
+    lines = [f"Speculative decoding, target {res['target']}, draft {res['draft']}{cut}: greedy, {res['new_tokens']} new "
              f"tokens per prompt, {res['threads']} threads, median of {res['runs']} interleaved runs",
              "", "| workload | configuration | decode tokens/s | vs greedy | whole call tokens/s | same tokens as greedy "
              "| acceptance |", "|---|---|---|---|---|---|---|"]
@@ -185,7 +220,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['workload']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['vs_greedy']:.2f}x | "
                      f"{r['whole_call_tokens_per_s']:.1f} | {_same(r)} | {acc} |")
     steps = res.get("step_ms") or {}
-    for who in ("target", "draft"):
+    for who in ("target", "draft", "cut draft"):
         if steps.get(who):
             costs = ", ".join(f"{m} tokens {ms:.1f}" for m, ms in steps[who].items())
             lines += ["", f"One forward pass of the {who} on a cached prompt, ms by tokens fed at once: {costs}."]
@@ -217,13 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="the target model's export folder (e.g. Qwen2.5-Coder-1.5B)")
     parser.add_argument("--draft", help="a draft model's export folder with the same tokenizer (e.g. the 0.5B); "
                         "without it only prompt lookup is measured")
+    parser.add_argument("--cut-draft", help="a draft made by `edgelm draft` from --draft (LM head cut to frequent "
+                        "tokens), measured beside the whole draft")
+    parser.add_argument("--spinning-ablation", action="store_true",
+                        help="also run target and draft loaded with onnxruntime's default thread spinning "
+                             "(EDGELM_FORCE_SPINNING_STOP=0), to show what stopping it gives")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per configuration (default 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for both models")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     res = run(args.target, args.draft, args.runs, args.new_tokens, args.threads,
-              log=lambda s: print(s, file=sys.stderr, flush=True))
+              log=lambda s: print(s, file=sys.stderr, flush=True), cut_draft_dir=args.cut_draft,
+              spinning_ablation=args.spinning_ablation)
     print(markdown(res))
     if args.out:
         with open(args.out, "w") as f:

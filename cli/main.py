@@ -119,6 +119,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- draft --------------------------------------------------------------------------
+def _add_draft(sub: Any) -> None:
+    p = sub.add_parser(
+        "draft", help="make an assistant (draft) model: an export whose LM head keeps only frequent tokens",
+        description=(
+            "Copy a causal-LM export with its LM head cut to the first KEEP token ids plus the special ones, for use "
+            "as assistant_model in assisted decoding (edgelm generate --assistant-model). A large vocabulary makes "
+            "the head a large part of each draft step (Qwen2.5's 151,936 tokens: a quarter of the 0.5B model's "
+            "weights); tokens the draft cannot propose cost a rejection when the target wants one, never a wrong "
+            "output. Low ids are the frequent ones in byte-level BPE and SentencePiece vocabularies. The cut graph "
+            "is checked against the source's logits before OUTPUT_DIR appears."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="a folder made by `edgelm export` (a causal LM; quantized or float32)")
+    p.add_argument("output_dir", help="folder to create for the draft")
+    p.add_argument("--keep", type=int, default=32768,
+                   help="how many of the lowest token ids the head keeps (special tokens are kept as well)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (atomically, at the end)")
+    p.set_defaults(func=_cmd_draft)
+
+
+def _cmd_draft(args: argparse.Namespace) -> int:
+    try:
+        from edgelm.export.draft import make_draft
+    except ImportError as exc:
+        return _need_export_extra(exc)
+    make_draft(args.source, args.output_dir, args.keep, overwrite=args.overwrite,
+               log=lambda s: print(s, file=sys.stderr, flush=True))
+    return 0
+
+
 # --- models -------------------------------------------------------------------------
 def _add_models(sub: Any) -> None:
     p = sub.add_parser("models", help="fetch or list the models edgelm knows how to build",
@@ -372,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
+    _add_draft(sub)
     _add_models(sub)
     _add_generate(sub)
     from edgelm.cli.chat import add_chat

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
 from edgelm.runtime.kv_cache import KVCache, SharedKVCache, StaticKVCache
-from edgelm.runtime.manifest import Manifest
+from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
 
@@ -67,10 +67,13 @@ class Decoder:
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._cache_device = ort.OrtDevice.make(self.device, 0)._get_c_device()
+        self.token_ids = draft_token_ids(manifest)
+        """The token of each logits column for a draft folder (``edgelm draft``), None when logits cover the vocabulary."""
         vocab_dim = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
-        if isinstance(vocab_dim, int) and manifest.vocab_size and vocab_dim != manifest.vocab_size:
+        columns = len(self.token_ids) if self.token_ids is not None else manifest.vocab_size
+        if isinstance(vocab_dim, int) and columns and vocab_dim != columns:
             raise ModelLoadError(
-                f"the manifest's vocab_size ({manifest.vocab_size}) disagrees with the graph's logits ({vocab_dim}); re-export")
+                f"the manifest says the logits have {columns} columns but the graph's have {vocab_dim}; re-export")
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
         """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""

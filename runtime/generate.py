@@ -136,6 +136,10 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     is updated in place (``Conversation`` keeps one between turns). ``stopping_criteria``: extra callables
     ``(input_ids, scores) -> bool or (batch,) bools`` checked after every token with the built-in ones, as
     transformers' argument of that name (e.g. a user pressing Stop)."""
+    if lm.decoder.token_ids is not None:
+        raise GenerationConfigError(
+            f"{lm.model_dir} is a draft (`edgelm draft`): its logits cover {len(lm.decoder.token_ids)} of "
+            f"{lm.vocab_size} tokens, so it cannot generate on its own; pass it as assistant_model= to a full model")
     ids = check_input_ids(input_ids, lm.vocab_size)
     cfg = prepare_config(lm.generation_config, generation_config, ids.shape[1], lm.max_positions, kwargs, lm.vocab_size)
     mask = (check_attention_mask(attention_mask, ids.shape) if attention_mask is not None

@@ -12,11 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgelm.runtime.errors import ModelLoadError
 
 MANIFEST_NAME = "edgelm.json"
-FORMAT_VERSION = 1
-"""Bumped when a change makes older runtimes misread newer folders."""
+FORMAT_VERSION = 2
+"""The newest manifest format this runtime reads; bumped when a change makes older runtimes misread newer
+folders. 2: a draft folder (``draft_vocab``), whose logits cover part of the vocabulary. Ordinary exports
+still write 1, which every release reads."""
+DRAFT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Manifest:
     dtype: str = "float32"
     kv_layout: str = "batch,num_key_value_heads,sequence,head_dim"
     sliding_window: int | None = None
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     edgelm_version: str = ""
     source: str = ""
     validation: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +56,9 @@ class Manifest:
     static_batch: int | None = None
     attention: str = "onnx"
     """"GroupQueryAttention" when the export fused attention into onnxruntime's contrib operators."""
+    draft_vocab: dict[str, Any] | None = None
+    """Set by ``edgelm draft``: the graph's logits cover only these tokens, ``{"first": n, "extra": [ids]}``
+    (ids below n, then the listed ones), in that order. Such a folder serves as ``assistant_model`` only."""
 
     @property
     def has_last_hidden_state(self) -> bool:
@@ -63,6 +71,15 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def draft_token_ids(manifest: Manifest) -> np.ndarray | None:
+    """The token id of each logits column of a draft folder (None for a whole-vocabulary export)."""
+    spec = manifest.draft_vocab
+    if not spec:
+        return None
+    return np.concatenate([np.arange(int(spec["first"]), dtype=np.int64),
+                           np.asarray(spec.get("extra") or [], np.int64)])
 
 
 def _as_list(value: Any) -> list[int]:

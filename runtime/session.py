@@ -91,7 +91,20 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
             raise ProviderError(f"threads must be a non-negative integer (0 = onnxruntime's default), got {threads!r}")
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if os.environ.get(SPINNING_STOP_ENV, "1") != "0":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
+
+
+SPINNING_STOP_ENV = "EDGELM_FORCE_SPINNING_STOP"
+"""Every session's intra-op workers stop spinning when its Run returns (``session.force_spinning_stop``).
+
+Each session owns a thread pool whose workers busy-wait for a while after a Run in case more work
+comes. When two models take turns, as a draft and its target do once per drafted token, each then
+runs beside the other's spinning workers: on the 2-core benchmark machine that made assisted
+decoding of the Qwen2.5-Coder pair about a third slower than with spinning stopped (README,
+speculative decoding). One model decoding alone measured the same either way, since the pool still
+spins between the operators of a Run. Set EDGELM_FORCE_SPINNING_STOP=0 to get onnxruntime's default."""
 
 
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,

@@ -113,18 +113,23 @@ def test_report_prints_what_each_system_ran_with():
     assert "| genai | genai_config decoder session_options via og.Config.overlay | intra_op_num_threads=2" in text
 
 
-def test_speculative_bench_checks_exactness_and_reports_every_configuration(exported):
+def test_speculative_bench_checks_exactness_and_reports_every_configuration(exported, tmp_path):
     """bench_spec on tiny float32 models: every drafted/looked-up configuration reproduces greedy (a float32 target
     must), rows carry rates and acceptance, and the command exits 0."""
     from edgelm.cli import bench_spec
+    from edgelm.export.draft import make_draft
 
     target, draft = exported("tiny-llama"), exported("tiny-gpt2")
+    make_draft(draft, tmp_path / "cut", 200, log=lambda s: None)
     loop = [5, 17, 99, 3, 5, 17, 99, 3, 5, 17]  # repeats, so prompt lookup finds drafts
     workloads = {"code completion": [loop, [7, 8, 9]], "input-grounded edit": [loop * 3]}
-    res = bench_spec.run(str(target), str(draft), runs=1, new_tokens=12, log=lambda s: None, workloads=workloads)
+    res = bench_spec.run(str(target), str(draft), runs=1, new_tokens=12, log=lambda s: None, workloads=workloads,
+                         cut_draft_dir=str(tmp_path / "cut"), spinning_ablation=True)
     assert res["target_dtype"] == "float32"
     names = {r["config"] for r in res["rows"]}
-    assert {"greedy", "draft, 20 tokens", "draft, heuristic from 5", "prompt lookup, 10"} <= names
+    assert {"greedy", "draft, 20 tokens", "draft, heuristic from 5", "prompt lookup, 10", "cut draft, 8 tokens",
+            "draft, 8 tokens, workers spinning"} <= names
+    assert res["step_ms"]["cut draft"] and "cut draft" in bench_spec.markdown(res)
     assert len(res["rows"]) == 2 * len(names)  # both workloads
     for r in res["rows"]:
         assert r["exact"] and r["first_difference"] is None, r

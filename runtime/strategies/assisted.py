@@ -53,6 +53,11 @@ class PromptLookupCandidates:
 class DraftModelCandidates:
     """Drafts from a smaller CausalLM; its cache is kept and cropped like the target's.
 
+    A draft folder (``edgelm draft``) scores only part of the vocabulary: under greedy decoding its pick
+    among those is mapped back to a token id, and its confidence is measured among them too; under
+    sampling, the tokens it lacks get probability 0, which speculative sampling allows (the target's
+    residual distribution supplies them).
+
     As in transformers (its ``ConfidenceCriteria``), drafting stops early after a token the draft
     itself gives less than ``assistant_confidence_threshold`` probability: a token it doubts is
     likely rejected, and every draft token after it is wasted work. (transformers also retunes
@@ -67,6 +72,9 @@ class DraftModelCandidates:
         self.confidence = float(cfg.assistant_confidence_threshold or 0.0)
         self.eos = cfg.eos_ids
         self.cache = assistant.decoder.new_cache(1)
+        self.token_ids = assistant.decoder.token_ids
+        """A draft folder's (``edgelm draft``) logits columns: its picks are mapped back to token ids."""
+        self.vocab_size = assistant.vocab_size
         self.cached: np.ndarray = np.zeros(0, np.int64)  # the tokens whose keys/values are in self.cache
 
     def get(self, seq: np.ndarray, limit: int, processors: Any = None,
@@ -93,14 +101,19 @@ class DraftModelCandidates:
             logits, _ = self.lm.decoder.step(new, mask, pos, self.cache, keep=1)
             scores = logits[:, -1].astype(np.float32)
             if rng is not None:
+                if self.token_ids is not None:  # a cut head: tokens it lacks get probability 0
+                    full = np.full((1, self.vocab_size), -np.inf, np.float32)
+                    full[:, self.token_ids] = scores
+                    scores = full
                 scores = processors(np.asarray([tokens], np.int64), scores)
                 probs = softmax(scores)
                 tok = int(sample_token(probs, rng)[0])
                 draft_scores.append(scores[0])
                 doubt = self.confidence > 0 and float(probs[0, tok]) < self.confidence  # the draw's own softmax
             else:
-                tok = int(np.argmax(scores[0]))
-                doubt = self.confidence > 0 and _probability(scores[0], tok) < self.confidence
+                pick = int(np.argmax(scores[0]))
+                doubt = self.confidence > 0 and _probability(scores[0], pick) < self.confidence
+                tok = pick if self.token_ids is None else int(self.token_ids[pick])
             drafts.append(tok)
             tokens.append(tok)
             new = np.asarray([[tok]], np.int64)
