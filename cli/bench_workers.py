@@ -94,6 +94,10 @@ def run_edgelm(model: str, req: dict) -> dict:
     load_s = time.perf_counter() - t0
     opts = lm.decoder.session.get_session_options()
     threads_used = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads}
+    try:  # edgelm's one departure from onnxruntime's thread defaults (runtime.session.SPINNING_STOP_ENV)
+        threads_used["force_spinning_stop"] = int(opts.get_session_config_entry("session.force_spinning_stop"))
+    except Exception:  # onnxruntime raises for an entry never set: the default (spinning) applies
+        threads_used["force_spinning_stop"] = 0
     ids = np.asarray([req["prompt_ids"]], np.int64)
     strategy = req["strategy"]
     kw = dict(STRATEGIES.get(strategy) or EDGELM_ONLY[strategy])

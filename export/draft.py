@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 from edgelm.export import onnx_files
 from edgelm.models.cache import atomic_dir
 from edgelm.runtime.errors import ExportError
-from edgelm.runtime.manifest import MANIFEST_NAME, Manifest, draft_token_ids, read_manifest
+from edgelm.runtime.manifest import DRAFT_FORMAT_VERSION, MANIFEST_NAME, Manifest, draft_token_ids, read_manifest
 
 LOGITS = "logits"
 MS = "com.microsoft"
@@ -38,15 +38,14 @@ CHECK_RTOL = 1e-5
 differently, so equality is asked to float32 rounding rather than to the bit."""
 
 
-def kept_ids(model_dir: Path, manifest: Manifest, keep: int) -> tuple[list[int], list[int]]:
-    """(the first ``keep`` ids as a one-item range list, special ids above them), as the manifest stores them."""
+def special_ids_above(model_dir: Path, manifest: Manifest, keep: int) -> list[int]:
+    """Added/special tokens and the end, pad and start ids at or above ``keep``: kept beside the first ``keep``."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     special = set(tok.get_added_tokens_decoder()) | set(manifest.eos_token_id)
     special |= {i for i in (manifest.pad_token_id, manifest.bos_token_id) if i is not None}
-    extra = sorted(int(i) for i in special if keep <= int(i) < manifest.vocab_size)
-    return [keep], extra
+    return sorted(int(i) for i in special if keep <= int(i) < manifest.vocab_size)
 
 
 def _constant(model: onnx.ModelProto, name: str, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
@@ -177,10 +176,10 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
         raise ExportError(f"--keep {keep}: give a number of tokens between 1 and {vocab - 1} (the vocabulary has {vocab})")
     if output_dir.resolve() == source.resolve():
         raise ExportError("the draft needs its own folder: OUTPUT_DIR is SOURCE")
-    first, extra = kept_ids(source, manifest, keep)
-    draft = Manifest.from_dict({**manifest.__dict__, "draft_vocab": {"first": first[0], "extra": extra}})
+    extra = special_ids_above(source, manifest, keep)
+    draft = Manifest.from_dict({**manifest.__dict__, "draft_vocab": {"first": keep, "extra": extra}})
     draft.variants = {}  # an .ort file of the source still has the whole head
-    draft.format_version = 2
+    draft.format_version = DRAFT_FORMAT_VERSION
     ids = draft_token_ids(draft)
     log(f"[1/3] cutting the LM head of {source} to {len(ids)} of {vocab} tokens "
         f"(ids below {keep} and {len(extra)} special ones)")
