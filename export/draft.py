@@ -169,6 +169,8 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
     manifest = read_manifest(source)
     if manifest.task != "causal-lm":
         raise ExportError(f"{source} holds a {manifest.task} model; drafts are causal LMs")
+    if manifest.static_max_length:
+        raise ExportError(f"{source} is a static-shape export; cut the dynamic export of the same model instead")
     if manifest.draft_vocab:
         raise ExportError(f"{source} is already a draft ({len(draft_token_ids(manifest))} tokens); cut the full export")
     vocab = manifest.vocab_size
@@ -176,6 +178,8 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
         raise ExportError(f"--keep {keep}: give a number of tokens between 1 and {vocab - 1} (the vocabulary has {vocab})")
     if output_dir.resolve() == source.resolve():
         raise ExportError("the draft needs its own folder: OUTPUT_DIR is SOURCE")
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
     extra = special_ids_above(source, manifest, keep)
     draft = Manifest.from_dict({**manifest.__dict__, "draft_vocab": {"first": keep, "extra": extra}})
     draft.variants = {}  # an .ort file of the source still has the whole head
@@ -225,8 +229,6 @@ def check_against_source(source: Path, manifest: Manifest, folder: Path, draft: 
         out = sess.run([LOGITS], feeds)[0]
         return out.astype(np.float32)
 
-    if draft.static_max_length:
-        raise ExportError("drafts of static-shape exports are not supported; cut the dynamic export")
     ref = run(source / manifest.model_file)[..., ids]
     got = run(folder / draft.model_file)
     scale = max(float(np.abs(ref).max()), 1e-30)
