@@ -18,6 +18,7 @@ source graph: its logits must equal the source's logits at the kept ids.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -27,12 +28,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgelm.export import onnx_files
+from edgelm.export.quant.rewrite import MS, node_attr
 from edgelm.models.cache import atomic_dir
 from edgelm.runtime.errors import ExportError
 from edgelm.runtime.manifest import DRAFT_FORMAT_VERSION, MANIFEST_NAME, Manifest, draft_token_ids, read_manifest
 
 LOGITS = "logits"
-MS = "com.microsoft"
 CHECK_RTOL = 1e-5
 """The cut head computes the same rows as the source's; a float32 GEMM may block a narrower matrix
 differently, so equality is asked to float32 rounding rather than to the bit."""
@@ -88,13 +89,6 @@ def _rows(a: np.ndarray, n: int, ids: np.ndarray) -> np.ndarray:
     raise ExportError(f"a weight of the LM head has shape {a.shape}, not rows of {n} tokens")
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def cut_head(model: onnx.ModelProto, ids: np.ndarray, vocab: int) -> str:
     """Cut the node producing ``logits`` to the rows ``ids`` in place; returns a line for the log."""
     graph = model.graph
@@ -110,22 +104,22 @@ def cut_head(model: onnx.ModelProto, ids: np.ndarray, vocab: int) -> str:
         new_inputs[index] = name
 
     if head.op_type == "MatMulNBits" and head.domain == MS:
-        if _attr(head, "N", 0) != vocab:
-            raise ExportError(f"the LM head has {_attr(head, 'N', 0)} outputs, not the vocabulary's {vocab}")
+        if node_attr(head, "N", 0) != vocab:
+            raise ExportError(f"the LM head has {node_attr(head, 'N', 0)} outputs, not the vocabulary's {vocab}")
         for index, what in ((1, "B"), (2, "scales"), (3, "zero_points"), (5, "bias")):
             if index < len(head.input) and head.input[index]:
                 replace(index, _rows(_constant(model, head.input[index], inits), vocab, ids), what)
         for a in head.attribute:
             if a.name == "N":
                 a.i = len(ids)
-        kind = f"MatMulNBits, {_attr(head, 'bits', 0)}-bit"
+        kind = f"MatMulNBits, {node_attr(head, 'bits', 0)}-bit"
     elif (head.op_type == "MatMul" and head.domain in ("", "ai.onnx")) or (
-            head.op_type == "FusedMatMul" and head.domain == MS and not _attr(head, "transA", 0)
-            and not _attr(head, "transBatchA", 0) and not _attr(head, "transBatchB", 0)):
+            head.op_type == "FusedMatMul" and head.domain == MS and not node_attr(head, "transA", 0)
+            and not node_attr(head, "transBatchA", 0) and not node_attr(head, "transBatchB", 0)):
         w = _constant(model, head.input[1], inits)
         if w.ndim != 2:
             raise ExportError(f"the LM head's weight has shape {w.shape}; a 2-D matrix was expected")
-        rows_are_tokens = bool(_attr(head, "transB", 0))
+        rows_are_tokens = bool(node_attr(head, "transB", 0))
         if (w.shape[0] if rows_are_tokens else w.shape[1]) != vocab:
             raise ExportError(f"the LM head's weight {w.shape} has no side of the vocabulary's {vocab}")
         replace(1, np.ascontiguousarray(w[ids] if rows_are_tokens else w[:, ids]), "weight")
@@ -181,9 +175,8 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
     extra = special_ids_above(source, manifest, keep)
-    draft = Manifest.from_dict({**manifest.__dict__, "draft_vocab": {"first": keep, "extra": extra}})
-    draft.variants = {}  # an .ort file of the source still has the whole head
-    draft.format_version = DRAFT_FORMAT_VERSION
+    draft = dataclasses.replace(manifest, draft_vocab={"first": keep, "extra": extra}, format_version=DRAFT_FORMAT_VERSION,
+                                variants={})  # an .ort file of the source still has the whole head
     ids = draft_token_ids(draft)
     log(f"[1/3] cutting the LM head of {source} to {len(ids)} of {vocab} tokens "
         f"(ids below {keep} and {len(extra)} special ones)")

@@ -59,7 +59,7 @@ class Report:
         self.quantized[part.source] = self.quantized.get(part.source, 0) + part.q.size
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def node_attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -68,9 +68,9 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def _plain_fused_matmul(node: onnx.NodeProto) -> bool:
     """A FusedMatMul that is just x @ B or x @ B.T (what the tied LM head is)."""
-    return (node.op_type == "FusedMatMul" and node.domain == MS and _attr(node, "transA", 0) == 0
-            and _attr(node, "alpha", 1.0) == 1.0 and not _attr(node, "transBatchA", 0)
-            and not _attr(node, "transBatchB", 0))
+    return (node.op_type == "FusedMatMul" and node.domain == MS and node_attr(node, "transA", 0) == 0
+            and node_attr(node, "alpha", 1.0) == 1.0 and not node_attr(node, "transBatchA", 0)
+            and not node_attr(node, "transBatchB", 0))
 
 
 PROGRESS_EVERY = 15.0
@@ -334,7 +334,7 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
                 replacement = b.matmul(node.input[0], parts, node.output[0], _base(w_name))
         elif _plain_fused_matmul(node) and node.input[1] in b.inits:
             w_name = node.input[1]
-            trans_b = bool(_attr(node, "transB", 0))
+            trans_b = bool(node_attr(node, "transB", 0))
             tied = is_table(w_name)
             role = "embedding" if tied else "head"
             parts = b.parts(w_name, rows_are_outputs=trans_b, role=role)
@@ -342,7 +342,7 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
                 table = w_name if tied and trans_b else None
                 replacement = b.matmul(node.input[0], parts, node.output[0], _base(w_name), table)
         elif node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input[0] in b.inits \
-                and _attr(node, "axis", 0) == 0 and len(b.inits[node.input[0]].dims) == 2:
+                and node_attr(node, "axis", 0) == 0 and len(b.inits[node.input[0]].dims) == 2:
             t_name = node.input[0]
             if node.input[1] == "input_ids":  # the word embeddings; position and token-type tables stay float
                 parts = b.parts(t_name, rows_are_outputs=True, role="embedding")
