@@ -87,17 +87,15 @@ def run_edgelm(model: str, req: dict) -> dict:
 
     from edgelm.runtime import CausalLM
     from edgelm.runtime.processors import LogitsProcessorList
+    from edgelm.runtime.session import read_back_entries
     from edgelm.runtime.strategies import sampling
 
     t0 = time.perf_counter()
     lm = CausalLM.load(model, threads=req["threads"], model_file=req.get("model_file"))
     load_s = time.perf_counter() - t0
     opts = lm.decoder.session.get_session_options()
-    threads_used = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads}
-    try:  # edgelm's one departure from onnxruntime's thread defaults (runtime.session.SPINNING_STOP_ENV)
-        threads_used["force_spinning_stop"] = int(opts.get_session_config_entry("session.force_spinning_stop"))
-    except Exception:  # onnxruntime raises for an entry never set: the default (spinning) applies
-        threads_used["force_spinning_stop"] = 0
+    threads_used = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads,
+                    **read_back_entries(lm.decoder.session)}  # edgelm's departures from onnxruntime's defaults
     ids = np.asarray([req["prompt_ids"]], np.int64)
     strategy = req["strategy"]
     kw = dict(STRATEGIES.get(strategy) or EDGELM_ONLY[strategy])

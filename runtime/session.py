@@ -91,8 +91,8 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
             raise ProviderError(f"threads must be a non-negative integer (0 = onnxruntime's default), got {threads!r}")
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    if os.environ.get(SPINNING_STOP_ENV, "1") != "0":
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in edgelm_session_entries().items():
+        opts.add_session_config_entry(key, value)
     return opts
 
 
@@ -102,8 +102,42 @@ SPINNING_STOP_ENV = "EDGELM_FORCE_SPINNING_STOP"
 Each session owns a thread pool whose workers busy-wait for a while after a Run in case more work
 comes. When two models take turns, as a draft and its target do once per drafted token, each then
 runs beside the other's spinning workers: on the 2-core benchmark machine the Qwen2.5-Coder pair
-then gave 1.31x plain greedy instead of 1.59x on code completion (README, speculative decoding). One model decoding alone measured the same either way, since the pool still
-spins between the operators of a Run. Set EDGELM_FORCE_SPINNING_STOP=0 to get onnxruntime's default."""
+then gave 1.31x plain greedy instead of 1.59x on code completion (README, speculative decoding). One model
+decoding alone measured the same either way, since the pool still spins between the operators of a Run.
+Set EDGELM_FORCE_SPINNING_STOP=0 to get onnxruntime's default."""
+
+PARALLEL_PREPACK_ENV = "EDGELM_PARALLEL_PREPACK"
+"""Sessions prepack their weights on the intra-op thread pool (``session.prepack.enable_parallel``).
+
+onnxruntime repacks every MatMul/MatMulNBits weight into its kernels' layout when a session loads,
+one weight after another by default; that is most of a quantized model's load time. Spread over
+the session's own threads it took a SmolLM2 session from 0.29 to 0.21 s (int4) and from 0.57 to
+0.40 s (float32) with 2 threads, and the packed weights, hence every output, are the same bytes.
+Set EDGELM_PARALLEL_PREPACK=0 to get onnxruntime's default (serial prepacking)."""
+
+SESSION_DEFAULTS = {
+    "session.force_spinning_stop": SPINNING_STOP_ENV,
+    "session.prepack.enable_parallel": PARALLEL_PREPACK_ENV,
+}
+"""edgelm's departures from onnxruntime's session defaults, each with the environment variable that turns it
+off ("0"); benchmark reports read them back from the session."""
+
+
+def edgelm_session_entries() -> dict[str, str]:
+    """The session config entries edgelm sets, after the environment's opt-outs."""
+    return {key: "1" for key, env in SESSION_DEFAULTS.items() if os.environ.get(env, "1") != "0"}
+
+
+def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
+    """What a session really runs with for each of edgelm's defaults (0: onnxruntime's own default)."""
+    opts = session.get_session_options()
+    out = {}
+    for key in SESSION_DEFAULTS:
+        try:
+            out[key.removeprefix("session.")] = int(opts.get_session_config_entry(key))
+        except Exception:  # onnxruntime raises for an entry never set: its default applies
+            out[key.removeprefix("session.")] = 0
+    return out
 
 
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,

@@ -67,6 +67,7 @@ class Tokenizer:
             setattr(self, name, _token_text(config.get(name)))
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = {i for i, tok in added.items() if tok.special}
+        self._size = max(tokenizer.get_vocab_size(with_added_tokens=False), max(added, default=-1) + 1)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Tokenizer":
@@ -98,7 +99,14 @@ class Tokenizer:
     # --- vocabulary ---------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """How many token ids there are (transformers' ``len(tokenizer)``): the model's vocabulary and any added
+        token past it.
+
+        Read from the model's size and the added tokens, which tokenizers keeps at hand, rather than from
+        ``get_vocab_size(with_added_tokens=True)``, which builds the whole vocabulary map (23 ms of a
+        SmolLM2 load, every load).
+        """
+        return self._size
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)

@@ -148,20 +148,3 @@ def test_assisted_sampling_reproduces_and_scores_match_transformers(kind, export
         finite = np.isfinite(theirs)
         assert np.abs(ours[finite] - theirs[finite]).max() < 1e-3
         assert np.isfinite(ours[0, a.sequences[0, at]])  # the emitted token was allowed by the processed scores
-
-
-def test_sessions_stop_spinning_after_each_run_unless_told_not_to(exported, monkeypatch):
-    """A draft and its target take turns once per drafted token; each session's workers must not busy-wait through
-    the other's run (EDGELM_FORCE_SPINNING_STOP=0 restores onnxruntime's default)."""
-    from edgelm.runtime.session import SPINNING_STOP_ENV
-
-    def entry(lm):
-        opts = lm.decoder.session.get_session_options()
-        try:
-            return opts.get_session_config_entry("session.force_spinning_stop")
-        except Exception:  # onnxruntime raises when the entry was never set
-            return None
-
-    assert entry(CausalLM.load(exported("tiny-llama"))) == "1"
-    monkeypatch.setenv(SPINNING_STOP_ENV, "0")
-    assert entry(CausalLM.load(exported("tiny-llama"))) is None

@@ -33,7 +33,9 @@ def _worker(system: str, model, threads: int, env: dict | None = None) -> dict:
 def test_edgelm_worker_runs_with_the_requested_threads(threads, exported):
     res = _worker("edgelm", exported("tiny-llama"), threads)
     assert res["threads_used"]["intra_op_num_threads"] == threads
-    assert res["threads_used"]["force_spinning_stop"] == 1  # the report shows edgelm's one thread-pool departure
+    # the report shows edgelm's departures from onnxruntime's session defaults, read back from the session
+    assert res["threads_used"]["force_spinning_stop"] == 1
+    assert res["threads_used"]["prepack.enable_parallel"] == 1
     assert res["decode_tps"] > 0 and res["tokens"] == REQUEST["new_tokens"]
 
 

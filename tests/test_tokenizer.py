@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,22 @@ def test_smollm2_tokenizer_matches_transformers(exported, hf_model):
         assert ours.encode(s) == theirs(s)["input_ids"], s
         assert ours.decode(theirs(s)["input_ids"]) == theirs.decode(theirs(s)["input_ids"])
     assert ours.eos_token_id == 2 and ours.bos_token_id == theirs.bos_token_id
+
+
+@pytest.mark.parametrize("added", [0, 3])
+def test_vocab_size_is_transformers_len(added, exported, hf_model, tmp_path):
+    """``vocab_size`` counts the tokens added past the model's vocabulary, as ``len(tokenizer)`` does."""
+    _, theirs = hf_model("tiny-llama")
+    folder = exported("tiny-llama")
+    if added:
+        theirs = copy.deepcopy(theirs)
+        theirs.add_tokens([f"<extra_{i}>" for i in range(added)])
+        theirs.save_pretrained(tmp_path)
+        folder = tmp_path
+    ours = Tokenizer.load(folder)
+    assert ours.vocab_size == len(theirs) == 400 + added
+    if added:
+        assert ours.encode("a <extra_2> b") == theirs("a <extra_2> b")["input_ids"]
 
 
 def test_batch_is_left_padded(exported):

@@ -154,12 +154,24 @@ class _Builder:
             return self._factored(f, None, f"{base}_scales", nodes)
         return self._float(part.scales, f"{base}_scales", nodes)
 
-    def _offsets(self, part: BlockQuant, scales: str, base: str, nodes: list[onnx.NodeProto]) -> str:
-        """The (N, blocks) offsets; ``scales`` is the node output of the same part's scales (some formats use them)."""
+    def _offsets(self, part: BlockQuant, scales: str, base: str, nodes: list[onnx.NodeProto],
+                 transposed: bool = False) -> str:
+        """The (N, blocks) offsets, or (blocks, N) as the offsets MatMul reads them (``transposed``); ``scales`` is
+        the node output of the same part's scales (some formats use them).
+
+        For the MatMul, per-block offsets (Q4_1, Q5_1) are stored as it reads them, already transposed and
+        summed: onnxruntime folds every constant node when a session loads, and the Mul, Add and Transpose
+        that rebuilt them cost about 50 ms of SmolLM2's 0.4 s session. In float16 (one Cast left to fold)
+        they take the bytes their factored form took; the few that float16 cannot hold exactly stay
+        float32. A K-quant's offsets (an fp16 per super-block times 6-bit mins) stay factored: that is a
+        third of the bytes, and the folder's size is bounded by the GGUF's.
+        """
         f = part.offset_factors
-        if f is not None and np.array_equal(f.values(part.scales), part.offsets) and _half_exact(f.outer):
-            return self._factored(f, scales, f"{base}_offsets", nodes)
-        return self._float(part.offsets, f"{base}_offsets", nodes)
+        factored = f is not None and np.array_equal(f.values(part.scales), part.offsets) and _half_exact(f.outer)
+        if factored and not (transposed and f.inner is None):
+            out = self._factored(f, scales, f"{base}_offsets", nodes)
+            return self._node("Transpose", [out], base, nodes) if transposed else out
+        return self._float(part.offsets.T if transposed else part.offsets, f"{base}_offsets", nodes)
 
     def _const_shape(self, values: list[int], base: str) -> str:
         return self._init(np.asarray(values, np.int64), base)
@@ -235,7 +247,7 @@ class _Builder:
         if part.offsets is not None:
             sums = self._block_sum(x, k, part.block, nodes)
             off = self._name(f"{base}_offsets_out")
-            offsets = self._node("Transpose", [self._offsets(part, shared[1], base, nodes)], base, nodes)
+            offsets = self._offsets(part, shared[1], base, nodes, transposed=True)
             nodes.append(helper.make_node("MatMul", [sums, offsets], [off],
                                           name=self._name(f"{base}_Offsets")))
             nodes.append(helper.make_node("Add", [main, off], [out], name=self._name(f"{base}_AddOffsets")))
