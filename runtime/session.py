@@ -107,32 +107,42 @@ decoding alone measured the same either way, since the pool still spins between 
 Set EDGELM_FORCE_SPINNING_STOP=0 to get onnxruntime's default."""
 
 PARALLEL_PREPACK_ENV = "EDGELM_PARALLEL_PREPACK"
-"""Sessions prepack their weights on the intra-op thread pool (``session.prepack.enable_parallel``).
+"""EDGELM_PARALLEL_PREPACK=1: sessions prepack their weights on the intra-op thread pool
+(``session.prepack.enable_parallel``). Off by default.
 
 onnxruntime repacks every MatMul/MatMulNBits weight into its kernels' layout when a session loads,
-one weight after another by default; that is most of a quantized model's load time. Spread over
-the session's own threads it took a SmolLM2 session from 0.29 to 0.21 s (int4) and from 0.57 to
-0.40 s (float32) with 2 threads, and the packed weights, hence every output, are the same bytes.
-Set EDGELM_PARALLEL_PREPACK=0 to get onnxruntime's default (serial prepacking)."""
+one weight after another by default, and that is most of a quantized model's load. In parallel it
+loaded SmolLM2 faster (0.57 -> 0.40 s float32, 0.29 -> 0.21 s int4, 2 threads, a one-off check) with
+the same packed bytes, but it holds the unpacked and the packed weights at once: peak memory during
+the load rose from 708 to 1112 MB in float32 and from 214 to 265 MB in int4 (`benchmarks/run.sh`'s
+peak RSS column showed it), the same once loaded. On a phone the peak is what gets an app killed,
+so it is for machines that reload models often and have memory to spare."""
 
-SESSION_DEFAULTS = {
-    "session.force_spinning_stop": SPINNING_STOP_ENV,
-    "session.prepack.enable_parallel": PARALLEL_PREPACK_ENV,
+SESSION_ENTRIES = {
+    "session.force_spinning_stop": (SPINNING_STOP_ENV, "1"),
+    "session.prepack.enable_parallel": (PARALLEL_PREPACK_ENV, "0"),
 }
-"""edgelm's departures from onnxruntime's session defaults, each with the environment variable that turns it
-off ("0"); benchmark reports read them back from the session."""
+"""Session config entries edgelm decides: entry -> (environment variable, edgelm's default). "1" sets the entry,
+"0" leaves onnxruntime's default; benchmark reports read them back from the session."""
 
 
 def edgelm_session_entries() -> dict[str, str]:
-    """The session config entries edgelm sets, after the environment's opt-outs."""
-    return {key: "1" for key, env in SESSION_DEFAULTS.items() if os.environ.get(env, "1") != "0"}
+    """The session config entries to set, after the environment's choices."""
+    out = {}
+    for key, (env, default) in SESSION_ENTRIES.items():
+        value = os.environ.get(env, default)
+        if value not in ("0", "1"):
+            raise ProviderError(f"{env}={value!r}: use 1 to set onnxruntime's {key}, 0 to leave it unset")
+        if value == "1":
+            out[key] = "1"
+    return out
 
 
 def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
-    """What a session really runs with for each of edgelm's defaults (0: onnxruntime's own default)."""
+    """What a session really runs with for each entry edgelm decides (0: onnxruntime's own default)."""
     opts = session.get_session_options()
     out = {}
-    for key in SESSION_DEFAULTS:
+    for key in SESSION_ENTRIES:
         try:
             out[key.removeprefix("session.")] = int(opts.get_session_config_entry(key))
         except Exception:  # onnxruntime raises for an entry never set: its default applies

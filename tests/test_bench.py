@@ -35,7 +35,7 @@ def test_edgelm_worker_runs_with_the_requested_threads(threads, exported):
     assert res["threads_used"]["intra_op_num_threads"] == threads
     # the report shows edgelm's departures from onnxruntime's session defaults, read back from the session
     assert res["threads_used"]["force_spinning_stop"] == 1
-    assert res["threads_used"]["prepack.enable_parallel"] == 1
+    assert res["threads_used"]["prepack.enable_parallel"] == 0  # opt-in: it raises peak memory at load
     assert res["decode_tps"] > 0 and res["tokens"] == REQUEST["new_tokens"]
 
 

@@ -1,4 +1,4 @@
-"""edgelm's departures from onnxruntime's session defaults: set on every session, each turned off by its variable."""
+"""Session config entries edgelm decides: each with its default and an environment variable that flips it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edgelm.runtime import CausalLM
-from edgelm.runtime.session import PARALLEL_PREPACK_ENV, SESSION_DEFAULTS, SPINNING_STOP_ENV, read_back_entries
+from edgelm.runtime.errors import ProviderError
+from edgelm.runtime.session import PARALLEL_PREPACK_ENV, SESSION_ENTRIES, SPINNING_STOP_ENV, read_back_entries
 
 
 def _entry(lm: CausalLM, key: str) -> str | None:
@@ -16,22 +17,28 @@ def _entry(lm: CausalLM, key: str) -> str | None:
         return None
 
 
-@pytest.mark.parametrize("key, env", [("session.force_spinning_stop", SPINNING_STOP_ENV),
-                                      ("session.prepack.enable_parallel", PARALLEL_PREPACK_ENV)])
-def test_each_default_is_set_and_its_variable_turns_it_off(key, env, exported, monkeypatch):
-    """Spinning stops after each run so that a draft and its target, which take turns once per drafted token, do not
-    busy-wait through each other's runs; weights prepack on the session's threads (faster loads)."""
-    assert SESSION_DEFAULTS[key] == env
+@pytest.mark.parametrize("key, env, default", [("session.force_spinning_stop", SPINNING_STOP_ENV, "1"),
+                                               ("session.prepack.enable_parallel", PARALLEL_PREPACK_ENV, None)])
+def test_each_entry_has_its_default_and_its_variable_flips_it(key, env, default, exported, monkeypatch):
+    """Spinning stops after each run (a draft and its target take turns once per drafted token and must not
+    busy-wait through each other's runs); parallel prepacking is opt-in (it raises peak memory at load)."""
+    short = key.removeprefix("session.")
+    assert SESSION_ENTRIES[key][0] == env
     monkeypatch.delenv(env, raising=False)
     lm = CausalLM.load(exported("tiny-llama"))
-    assert _entry(lm, key) == "1"
-    assert read_back_entries(lm.decoder.session)[key.removeprefix("session.")] == 1
-    monkeypatch.setenv(env, "0")
+    assert _entry(lm, key) == default
+    assert read_back_entries(lm.decoder.session)[short] == (1 if default else 0)
+    flipped = "0" if default else "1"
+    monkeypatch.setenv(env, flipped)
     lm = CausalLM.load(exported("tiny-llama"))
-    assert _entry(lm, key) is None
-    assert read_back_entries(lm.decoder.session)[key.removeprefix("session.")] == 0
-    others = [k for k in SESSION_DEFAULTS if k != key]
-    assert all(_entry(lm, k) == "1" for k in others)  # one variable turns off one default only
+    assert _entry(lm, key) == (None if default else "1")
+    assert read_back_entries(lm.decoder.session)[short] == int(flipped)
+    for other, (_, other_default) in SESSION_ENTRIES.items():  # one variable flips one entry only
+        if other != key:
+            assert _entry(lm, other) == ("1" if other_default == "1" else None)
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(ProviderError, match=env):
+        CausalLM.load(exported("tiny-llama"))
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8", None])
