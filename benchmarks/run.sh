@@ -22,9 +22,7 @@ if [ ! -x .venv-genai/bin/python ]; then
 fi
 CKPT="$(python3 -m edgelm.cli models fetch smollm2-135m-instruct)"
 GGUF="$(dirname "$CKPT")/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-# An export is reused only if no exporter source changed after it was written (else the tables would measure
-# what an older exporter made).
-fresh() { [ -f "$1/edgelm.json" ] && [ -z "$(find export -name '*.py' -newer "$1/edgelm.json" -print -quit)" ]; }
+. benchmarks/exports.sh  # fresh DIR: an export no exporter change has made stale
 for q in fp32 gguf int8 int4 int8-dynamic; do
     dir="$MODELS/smollm2-$q"
     fresh "$dir" && continue

@@ -15,8 +15,7 @@ MODELS="${EDGELM_BENCH_MODELS:-$OUT/models}"
 python3 -m pip install --disable-pip-version-check -q -e '.[export]'
 TARGET_GGUF="$(python3 -m edgelm.cli models fetch qwen2.5-coder-1.5b-instruct)"
 DRAFT_GGUF="$(python3 -m edgelm.cli models fetch qwen2.5-coder-0.5b-instruct)"
-# An export is reused only if no exporter source changed after it was written.
-fresh() { [ -f "$1/edgelm.json" ] && [ -z "$(find export -name '*.py' -newer "$1/edgelm.json" -print -quit)" ]; }
+. benchmarks/exports.sh  # fresh DIR: an export no exporter change has made stale
 fresh "$MODELS/qwen1.5b-gguf" || python3 -m edgelm.cli export "$TARGET_GGUF" "$MODELS/qwen1.5b-gguf" --overwrite --quantize gguf
 fresh "$MODELS/qwen0.5b-int4" || python3 -m edgelm.cli export "$DRAFT_GGUF" "$MODELS/qwen0.5b-int4" --overwrite --quantize int4
 # The draft with its LM head cut to the 32,768 lowest token ids (+ special ones): seconds, from the int4 export.

@@ -112,11 +112,11 @@ PARALLEL_PREPACK_ENV = "EDGELM_PARALLEL_PREPACK"
 
 onnxruntime repacks every MatMul/MatMulNBits weight into its kernels' layout when a session loads,
 one weight after another by default, and that is most of a quantized model's load. In parallel it
-loaded SmolLM2 faster (0.57 -> 0.40 s float32, 0.29 -> 0.21 s int4, 2 threads, a one-off check) with
-the same packed bytes, but it holds the unpacked and the packed weights at once: peak memory during
-the load rose from 708 to 1112 MB in float32 and from 214 to 265 MB in int4 (`benchmarks/run.sh`'s
-peak RSS column showed it), the same once loaded. On a phone the peak is what gets an app killed,
-so it is for machines that reload models often and have memory to spare."""
+packs the same bytes faster, but it holds the unpacked and the packed weights at once:
+`EDGELM_PARALLEL_PREPACK=1 benchmarks/run.sh 5` loaded SmolLM2 float32 in 0.54x genai's time with a
+peak RSS of 1111 MB, where the default run loads in 0.76x with 723 MB (README, Performance); memory
+once loaded is the same. On a phone the peak is what gets an app killed, so it is for machines that
+reload models often and have memory to spare."""
 
 SESSION_ENTRIES = {
     "session.force_spinning_stop": (SPINNING_STOP_ENV, "1"),
