@@ -52,10 +52,11 @@ def test_optimum_worker_runs_with_the_requested_threads(checkpoint):
 
 FAKE_GENAI = '''
 """Stand-in for onnxruntime_genai: records the config overlays and generates dummy tokens."""
-import json, os
+import json, os, time
 
 class Config:
     def __init__(self, path):
+        time.sleep(float(os.environ.get("FAKE_GENAI_CONFIG_SECONDS", "0")))  # reading genai_config.json
         self.overlays = []
     def clear_providers(self):
         pass
@@ -102,6 +103,16 @@ def test_genai_worker_sets_threads_through_the_config_overlay(tmp_path):
     assert options["intra_op_num_threads"] == 3
     assert res["threads_used"] == options
     assert "overlay" in res["thread_setting"]
+
+
+def test_genai_load_time_includes_reading_its_config(tmp_path):
+    """edgelm's load time includes reading its folder's configs, so genai's must include og.Config too."""
+    pkg = tmp_path / "fake" / "onnxruntime_genai"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_GENAI))
+    env = {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_GENAI_LOG": str(tmp_path / "overlays.json"),
+           "FAKE_GENAI_CONFIG_SECONDS": "0.3"}
+    assert _worker("genai", tmp_path, 2, env)["load_s"] >= 0.3
 
 
 def test_report_prints_what_each_system_ran_with():

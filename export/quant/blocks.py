@@ -171,6 +171,36 @@ class BlockQuant:
         return BlockQuant(self.q, self.scales, self.bits, self.block, zp, self.offsets, self.source,
                           list(self.exact_of))
 
+    def four_plus_two(self) -> tuple["BlockQuant", "BlockQuant"] | None:
+        """The same values as a 4-bit part plus a 2-bit part (scale x16), when 8-bit codes span at most 64 levels.
+
+        GGUF's 5- and 6-bit formats (Q5_0, Q6_K) have no MatMulNBits form below 8 bits, so their codes sit in
+        8 bits. A table that is only looked up (an untied embedding) can hold them as 4 + 2 bits instead:
+        with u = q - base = low + 16 * high, s * (q - z) = s * (low - zl) + 16 s * (high - zh) whenever
+        zl + 16 zh = z - base. Both terms and their sum are small integers times the block's scale, so
+        float32 computes them exactly, as it does s * (q - z). None when the codes span more (Q8_0), or
+        the part has zero points or offsets of its own.
+        """
+        if self.bits != 8 or self.zero_points is not None or self.offsets is not None or not self.q.size:
+            return None
+        z = 2 ** (self.bits - 1)
+        lo, hi = int(self.q.min()), int(self.q.max())
+        base = z - (8 + 16 * 2)  # both parts at their default zero points (8 and 2): nothing stored for them
+        zl = zh = None
+        if not (base <= lo and hi - base < 64):
+            base = lo
+            if hi - base >= 64 or z - base > 15 + 16 * 3:
+                return None
+            zl, zh = (z - base) % 16, (z - base) // 16
+            zl, zh = (None if zl == 8 else zl), (None if zh == 2 else zh)
+        u = self.q.astype(np.int16) - base
+        full = (lambda value: None if value is None else np.full(self.scales.shape, value, np.uint8))
+        low = BlockQuant((u & 15).astype(np.uint8), self.scales, 4, self.block, full(zl), None, self.source,
+                         list(self.exact_of), self.scale_factors)
+        high = BlockQuant((u >> 4).astype(np.uint8), self.scales * np.float32(16), 2, self.block, full(zh), None,
+                          self.source, list(self.exact_of))
+        return low, high
+
     def take_rows(self, rows: np.ndarray) -> "BlockQuant":
         """The rows ``rows`` of this matrix (a GGUF tensor's rows in the order a graph matrix holds them)."""
         pick = (lambda a: None if a is None else a[rows])

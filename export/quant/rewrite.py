@@ -157,18 +157,18 @@ class _Builder:
     def _offsets(self, part: BlockQuant, scales: str, base: str, nodes: list[onnx.NodeProto],
                  transposed: bool = False) -> str:
         """The (N, blocks) offsets, or (blocks, N) as the offsets MatMul reads them (``transposed``); ``scales`` is
-        the node output of the same part's scales (some formats use them).
+        the node output of the same part's scales (K-quants use them).
 
-        For the MatMul, per-block offsets (Q4_1, Q5_1) are stored as it reads them, already transposed and
-        summed: onnxruntime folds every constant node when a session loads, and the Mul, Add and Transpose
-        that rebuilt them cost about 50 ms of SmolLM2's 0.4 s session. In float16 (one Cast left to fold)
-        they take the bytes their factored form took; the few that float16 cannot hold exactly stay
-        float32. A K-quant's offsets (an fp16 per super-block times 6-bit mins) stay factored: that is a
-        third of the bytes, and the folder's size is bounded by the GGUF's.
+        The rule is by format. Per-block offsets (Q4_1, Q5_1: one float per block) are stored as the
+        operators read them, already summed: onnxruntime folds every constant node when a session loads,
+        and the Mul, Add and Transpose that rebuilt them cost about 50 ms of SmolLM2's 0.4 s session. In
+        float16 (one Cast left to fold) they take the bytes their factored form took; the few that float16
+        cannot hold exactly stay float32. A K-quant's offsets (an fp16 per super-block times 6-bit mins)
+        stay factored: that is a third of the bytes, and the folder's size is bounded by the GGUF's.
         """
         f = part.offset_factors
-        factored = f is not None and np.array_equal(f.values(part.scales), part.offsets) and _half_exact(f.outer)
-        if factored and not (transposed and f.inner is None):
+        if f is not None and f.inner is not None and np.array_equal(f.values(part.scales), part.offsets) \
+                and _half_exact(f.outer):
             out = self._factored(f, scales, f"{base}_offsets", nodes)
             return self._node("Transpose", [out], base, nodes) if transposed else out
         return self._float(part.offsets.T if transposed else part.offsets, f"{base}_offsets", nodes)
@@ -268,36 +268,59 @@ class _Builder:
         nodes.append(helper.make_node("Concat", outs, [out], name=self._name(f"{base}_Concat"), axis=-1))
         return nodes
 
-    def gather(self, table: BlockQuant, indices: str, out: str, base: str, table_name: str) -> list[onnx.NodeProto]:
-        """Nodes computing ``out = table_float[indices]`` with GatherBlockQuantized (rank-2 indices)."""
+    def gather(self, table: BlockQuant, indices: str, out: str, base: str, table_name: str,
+               shared: bool) -> list[onnx.NodeProto]:
+        """Nodes computing ``out = table_float[indices]`` with GatherBlockQuantized (rank-2 indices).
+
+        ``shared``: other operators read the same table (a tied LM head), so it keeps the form they read.
+        A table only looked up, with 5- or 6-bit codes in 8 bits (GGUF Q5_0, Q6_K), is stored as 4 + 2
+        bits instead (``BlockQuant.four_plus_two``): a lookup reads one row per token, so the second
+        operator costs nothing measurable, and the table takes 6 bits a weight instead of 8.
+        """
         v, k = table.shape
         nb = table.n_blocks
         nodes: list[onnx.NodeProto] = []
-        data, scales2d = self.table_data(table_name, table, nodes)
-        scales = self._name(f"{base}_gather_scales")
-        nodes.append(helper.make_node("Reshape", [scales2d,
-                                                  self._const_shape([v, nb, 1], f"{base}_scales_shape")], [scales],
-                                      name=self._name(f"{base}_ScalesReshape")))
-        inputs = [data, indices, scales]
-        if table.zero_points is not None:
-            inputs.append(self._init(table.zero_points.reshape(v, nb, 1), f"{base}_gather_zp"))
-        blocks = self._name(f"{base}_blocks")  # (batch, seq, K / block, block)
-        nodes.append(helper.make_node("GatherBlockQuantized", inputs, [blocks], name=self._name(f"{base}_Gather"),
-                                      domain=MS, gather_axis=0, quantize_axis=2, block_size=table.block,
-                                      bits=table.bits))
-        if table.offsets is not None:
-            off = self._name(f"{base}_row_offsets")
-            table_off = self._name(f"{base}_offsets3d")
-            nodes.append(helper.make_node("Reshape", [self._offsets(table, scales2d, base, nodes),
-                                                      self._const_shape([v, nb, 1], f"{base}_offsets_shape")],
-                                          [table_off], name=self._name(f"{base}_OffsetsReshape")))
-            nodes.append(helper.make_node("Gather", [table_off, indices], [off], name=self._name(f"{base}_GatherOffsets")))
-            shifted = self._name(f"{base}_shifted")
-            nodes.append(helper.make_node("Add", [blocks, off], [shifted], name=self._name(f"{base}_AddOffsets")))
-            blocks = shifted
+        split = None if shared else table.four_plus_two()
+        if split is None:
+            data, scales2d = self.table_data(table_name, table, nodes)
+            blocks = self._gather_blocks(table, data, scales2d, indices, base, nodes)
+            if table.offsets is not None:
+                off = self._name(f"{base}_row_offsets")
+                table_off = self._name(f"{base}_offsets3d")
+                nodes.append(helper.make_node("Reshape", [self._offsets(table, scales2d, base, nodes),
+                                                          self._const_shape([v, nb, 1], f"{base}_offsets_shape")],
+                                              [table_off], name=self._name(f"{base}_OffsetsReshape")))
+                nodes.append(helper.make_node("Gather", [table_off, indices], [off],
+                                              name=self._name(f"{base}_GatherOffsets")))
+                blocks = self._node("Add", [blocks, off], f"{base}_shifted", nodes)
+        else:
+            low, high = split
+            low_scales = self._scales(low, f"{base}_table_low", nodes)
+            high_scales = self._node("Mul", [low_scales, self._init(np.asarray(16, np.float32), f"{base}_x16")],
+                                     base, nodes)
+            parts = [self._gather_blocks(part, self._init(part.packed(), f"{base}_table_{name}"), scales, indices,
+                                         f"{base}_{name}", nodes)
+                     for part, scales, name in ((low, low_scales, "low"), (high, high_scales, "high"))]
+            blocks = self._node("Add", parts, base, nodes)
         nodes.append(helper.make_node("Reshape", [blocks, self._const_shape([0, 0, k], f"{base}_shape")], [out],
                                       name=self._name(f"{base}_Reshape")))
         return nodes
+
+    def _gather_blocks(self, part: BlockQuant, data: str, scales2d: str, indices: str, base: str,
+                       nodes: list[onnx.NodeProto]) -> str:
+        """One GatherBlockQuantized over ``part``'s packed codes: (batch, seq, K / block, block) float32."""
+        v, nb = part.scales.shape
+        scales = self._name(f"{base}_gather_scales")
+        nodes.append(helper.make_node("Reshape", [scales2d, self._const_shape([v, nb, 1], f"{base}_scales_shape")],
+                                      [scales], name=self._name(f"{base}_ScalesReshape")))
+        inputs = [data, indices, scales]
+        if part.zero_points is not None:
+            inputs.append(self._init(part.zero_points.reshape(v, nb, 1), f"{base}_gather_zp"))
+        blocks = self._name(f"{base}_blocks")
+        nodes.append(helper.make_node("GatherBlockQuantized", inputs, [blocks], name=self._name(f"{base}_Gather"),
+                                      domain=MS, gather_axis=0, quantize_axis=2, block_size=part.block,
+                                      bits=part.bits))
+        return blocks
 
 
 def _runs(parts: list[BlockQuant]) -> list[BlockQuant]:
@@ -360,7 +383,8 @@ def rewrite(model: onnx.ModelProto, scheme: Scheme, vocab_size: int | None = Non
                 parts = b.parts(t_name, rows_are_outputs=True, role="embedding")
                 if parts and len(_runs(parts)) == 1:
                     table = concat_rows(parts)
-                    replacement = b.gather(table, node.input[1], node.output[0], _base(t_name), t_name)
+                    shared = any(u is not node for u in users.get(t_name, []))
+                    replacement = b.gather(table, node.input[1], node.output[0], _base(t_name), t_name, shared)
         out_nodes.extend(replacement if replacement is not None else [node])
         if replacement is not None:
             b.report.nodes[node.op_type] = b.report.nodes.get(node.op_type, 0) + 1
