@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,8 +50,9 @@ def resolve(spec: str, checkpoint: str | None) -> Path:
     return path
 
 
-def step_times(path: Path, threads: int, prompt: int, steps: int) -> dict:
-    """Per-step seconds of one graph, in this process.
+def step_times(path: Path, threads: int, prompt: int, steps: int, profile: bool = False) -> dict:
+    """Per-step seconds of one graph, in this process; with ``profile``, onnxruntime's per-operator kernel
+    times instead (the profiler's own cost makes its step times no figure to compare).
 
     A GroupQueryAttention graph runs with past and present in one buffer (both runtimes do so); any
     other graph concatenates, with each step's presents fed back as the next past.
@@ -63,6 +65,11 @@ def step_times(path: Path, threads: int, prompt: int, steps: int) -> dict:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if profile:
+        import tempfile
+
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench_graph_")) / "profile")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in session.get_inputs()}
     pasts = [n for n in inputs if n.startswith("past_key_values.")]
@@ -110,8 +117,33 @@ def step_times(path: Path, threads: int, prompt: int, steps: int) -> dict:
     first = next(iter(values.values())).numpy()
     # Each step's keys reached the cache (in place for a shared buffer, and nothing past the last step).
     written = bool(np.abs(first[:, :, last - 1]).sum() > 0) and (not shared or not first[:, :, last:].any())
+    if profile:
+        return {"operators": _operator_times(Path(session.end_profiling())), "cache_written": written}
     return {"median_s": statistics.median(times), "threads": session.get_session_options().intra_op_num_threads,
             "cache": "shared buffer" if shared else "concat", "cache_written": written}
+
+
+def _operator_times(trace: Path) -> dict[str, dict[str, float]]:
+    """Kernel time per step and node count per operator type, from an onnxruntime profile (then deleted)."""
+    events = json.loads(trace.read_text())
+    shutil.rmtree(trace.parent, ignore_errors=True)
+    runs = sum(1 for e in events if e.get("name") == "model_run")
+    total: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            total[op] = total.get(op, 0.0) + e["dur"]
+            calls[op] = calls.get(op, 0) + 1
+    return {op: {"us_per_step": total[op] / runs, "nodes": calls[op] // runs} for op in total}
+
+
+def profile(paths: list[Path], threads: int, prompt: int, steps: int) -> dict[str, dict]:
+    """Per-operator kernel times of each graph, each in a fresh process (after the timed rounds)."""
+    out = {}
+    for p in paths:
+        out[str(p)] = _one(p, threads, prompt, steps, profile=True)["operators"]
+    return out
 
 
 def _cache_dims(path: Path, shape: list) -> tuple[int, int]:
@@ -138,13 +170,7 @@ def measure(paths: list[Path], runs: int, threads: int, prompt: int, steps: int)
     used = {}
     for _ in range(runs):
         for p in paths:
-            proc = subprocess.run([sys.executable, __file__, "--one", str(p), str(threads), str(prompt), str(steps)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"bench_graph: {p} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            if not res["cache_written"]:
-                raise SystemExit(f"bench_graph: {p}'s steps did not write its KV cache where expected")
+            res = _one(p, threads, prompt, steps)
             per[str(p)].append(res["median_s"])
             used[str(p)] = res
     return {"runs": runs, "threads": threads, "prompt": prompt, "steps": steps,
@@ -152,6 +178,18 @@ def measure(paths: list[Path], runs: int, threads: int, prompt: int, steps: int)
                         "nodes": _nodes(p),
                         "step_ms": {"median": 1000 * statistics.median(per[str(p)]), "min": 1000 * min(per[str(p)]),
                                     "max": 1000 * max(per[str(p)])}} for p in paths]}
+
+
+def _one(path: Path, threads: int, prompt: int, steps: int, profile: bool = False) -> dict:
+    """``step_times`` in a fresh process."""
+    cmd = [sys.executable, __file__, "--one", str(path), str(threads), str(prompt), str(steps)]
+    proc = subprocess.run(cmd + (["profile"] if profile else []), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_graph: {path} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not res["cache_written"]:
+        raise SystemExit(f"bench_graph: {path}'s steps did not write its KV cache where expected")
+    return res
 
 
 def _nodes(path: Path) -> int:
@@ -175,6 +213,22 @@ def markdown(res: dict) -> str:
         for ours, theirs in res["pairs"]:
             ratio = by_path[theirs]["step_ms"]["median"] / by_path[ours]["step_ms"]["median"]
             lines.append(f"| {ours} | {theirs} | {ratio:.2f}x |")
+    if res.get("operators"):
+        graphs = list(res["operators"])
+        ops = sorted({op for g in graphs for op in res["operators"][g]},
+                     key=lambda op: -max(res["operators"][g].get(op, {}).get("us_per_step", 0.0) for g in graphs))
+        lines += ["", "Kernel time per decode step by operator (onnxruntime's profiler, one more fresh process per "
+                  "graph; us per step, nodes run per step in brackets, share of the graph's kernel time)", "",
+                  "| operator | " + " | ".join(graphs) + " |", "|---|" + "---|" * len(graphs)]
+        sums = {g: sum(v["us_per_step"] for v in res["operators"][g].values()) or 1.0 for g in graphs}
+        for op in ops:
+            cells = []
+            for g in graphs:
+                v = res["operators"][g].get(op)
+                cells.append("-" if v is None else
+                             f"{v['us_per_step']:.0f} ({v['nodes']}) {100 * v['us_per_step'] / sums[g]:.0f}%")
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        lines.append("| all kernels | " + " | ".join(f"{sums[g]:.0f}" for g in graphs) + " |")
     return "\n".join(lines)
 
 
@@ -182,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--one":
         path, threads, prompt, steps = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-        print(json.dumps(step_times(Path(path), threads, prompt, steps)))
+        print(json.dumps(step_times(Path(path), threads, prompt, steps, profile=argv[5:] == ["profile"])))
         return 0
     p = argparse.ArgumentParser(prog="python -m edgelm.cli.bench_graph", description=__doc__.split("\n\n")[0],
                                 epilog="Example: python -m edgelm.cli.bench_graph bench-results/models/smollm2-int4 "
@@ -196,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", action="store_true",
                    help="read the graphs as (graph, anchor) pairs and add each graph's tokens/s against its anchor "
                         "(a graph may appear in several pairs; it is measured once)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each graph once more under onnxruntime's profiler and print its kernel time per "
+                        "operator type (where a step's time goes)")
     p.add_argument("--out", help="also write the JSON result here")
     args = p.parse_args(argv)
     for name in ("runs", "threads", "steps"):
@@ -210,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     res = measure(paths, args.runs, args.threads, args.prompt, args.steps)
     if args.pairs:
         res["pairs"] = [[str(named[i]), str(named[i + 1])] for i in range(0, len(named), 2)]
+    if args.profile:
+        res["operators"] = profile(paths, args.threads, args.prompt, args.steps)
     print(markdown(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

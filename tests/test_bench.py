@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -191,6 +193,27 @@ def test_graph_bench_times_each_graph_with_its_cache_written(exported, tmp_path,
     ms = {g["graph"]: g["step_ms"]["median"] for g in res["graphs"]}
     there = f"| {fused / 'model.onnx'} | {plain / 'model.onnx'} | {ms[str(plain / 'model.onnx')] / ms[str(fused / 'model.onnx')]:.2f}x |"
     assert there in text
+
+
+def test_graph_bench_profile_counts_each_operator_per_step(exported, tmp_path, capsys):
+    """--profile reads onnxruntime's profiler back per operator type: per step, the fused tiny-llama graph runs one
+    GroupQueryAttention per layer, and the profile file is not left behind."""
+    import onnx
+
+    from edgelm.cli import bench_graph
+
+    fused = exported("tiny-llama")
+    graph = onnx.load(str(fused / "model.onnx"), load_external_data=False).graph
+    layers = sum(n.op_type == "GroupQueryAttention" for n in graph.node)
+    ops = bench_graph.step_times(fused / "model.onnx", threads=1, prompt=3, steps=4, profile=True)["operators"]
+    assert layers > 0 and ops["GroupQueryAttention"]["nodes"] == layers
+    assert all(v["us_per_step"] > 0 for v in ops.values())
+    out = tmp_path / "graph.json"
+    assert bench_graph.main([str(fused), "--runs", "1", "--steps", "4", "--prompt", "3", "--profile",
+                             "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["operators"][str(fused / "model.onnx")]["GroupQueryAttention"]["nodes"] == layers
+    assert "| GroupQueryAttention | " in capsys.readouterr().out
+    assert not list(Path(tempfile.gettempdir()).glob("bench_graph_*/profile*"))
 
 
 def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
