@@ -5,6 +5,7 @@ scheme         what the graph holds
 =============  ==========================================================================
 gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K) carried
                over exactly: the weights computed with equal the GGUF's dequantized ones
+               (an untied embedding table in Q5_0/Q6_K holds its codes as 4 + 2 bits)
 int8           weight-only 8-bit blocks of 32 (MatMulNBits) with integer zero points
 int4           weight-only 4-bit blocks of 32 with integer zero points
                (both: scale and zero point searched per block, then codes rounded by

@@ -275,7 +275,8 @@ class _Builder:
         ``shared``: other operators read the same table (a tied LM head), so it keeps the form they read.
         A table only looked up, with 5- or 6-bit codes in 8 bits (GGUF Q5_0, Q6_K), is stored as 4 + 2
         bits instead (``BlockQuant.four_plus_two``): a lookup reads one row per token, so the second
-        operator costs nothing measurable, and the table takes 6 bits a weight instead of 8.
+        operator and its Add cost microseconds a step, and the table takes 6 bits a weight instead of 8
+        (Qwen2.5-Coder-0.5B's Q5_0 table: 110 MB instead of 145, on disk and in memory).
         """
         v, k = table.shape
         nb = table.n_blocks
