@@ -138,7 +138,7 @@ def _operator_times(trace: Path) -> dict[str, dict[str, float]]:
     return {op: {"us_per_step": total[op] / runs, "nodes": calls[op] // runs} for op in total}
 
 
-def profile(paths: list[Path], threads: int, prompt: int, steps: int) -> dict[str, dict]:
+def operator_profiles(paths: list[Path], threads: int, prompt: int, steps: int) -> dict[str, dict]:
     """Per-operator kernel times of each graph, each in a fresh process (after the timed rounds)."""
     out = {}
     for p in paths:
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs:
         res["pairs"] = [[str(named[i]), str(named[i + 1])] for i in range(0, len(named), 2)]
     if args.profile:
-        res["operators"] = profile(paths, args.threads, args.prompt, args.steps)
+        res["operators"] = operator_profiles(paths, args.threads, args.prompt, args.steps)
     print(markdown(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -186,13 +186,12 @@ class BlockQuant:
         z = 2 ** (self.bits - 1)
         lo, hi = int(self.q.min()), int(self.q.max())
         base = z - (8 + 16 * 2)  # both parts at their default zero points (8 and 2): nothing stored for them
-        zl = zh = None
         if not (base <= lo and hi - base < 64):
             base = lo
-            if hi - base >= 64 or z - base > 15 + 16 * 3:
-                return None
-            zl, zh = (z - base) % 16, (z - base) // 16
-            zl, zh = (None if zl == 8 else zl), (None if zh == 2 else zh)
+        if hi - base >= 64 or not 0 <= z - base < 64:
+            return None
+        zl, zh = (z - base) % 16, (z - base) // 16
+        zl, zh = (None if zl == 8 else zl), (None if zh == 2 else zh)
         u = self.q.astype(np.int16) - base
         full = (lambda value: None if value is None else np.full(self.scales.shape, value, np.uint8))
         low = BlockQuant((u & 15).astype(np.uint8), self.scales, 4, self.block, full(zl), None, self.source,
