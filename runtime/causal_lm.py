@@ -45,11 +45,14 @@ class CausalLM:
 
     @classmethod
     def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
-             optimization: str = "all", model_file: str | None = None) -> "CausalLM":
+             optimization: str = "all", model_file: str | None = None,
+             load_cache: bool | None = None) -> "CausalLM":
         """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``).
 
         ``model_file`` picks another graph file of the folder, e.g. ``"model.ort"`` written by
-        ``edgelm export --mobile``; by default the manifest's ``model.onnx``.
+        ``edgelm export --mobile``; by default the manifest's ``model.onnx``. ``load_cache``: keep
+        onnxruntime's prepacked graph on this device so later loads skip that work (see
+        ``runtime.load_cache``; default ``$EDGELM_LOAD_CACHE``, on).
         """
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
@@ -59,7 +62,7 @@ class CausalLM:
         tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
         model_file = resolve_model_file(model_dir, manifest, model_file)
         make = StaticDecoder if manifest.static_max_length else Decoder
-        decoder = make(model_dir, manifest, provider, threads, optimization, model_file)
+        decoder = make(model_dir, manifest, provider, threads, optimization, model_file, load_cache)
         gen = GenerationConfig.from_model_dir(model_dir, manifest.eos_token_id, manifest.pad_token_id, manifest.bos_token_id)
         return cls(model_dir, manifest, decoder, tokenizer, gen)
 

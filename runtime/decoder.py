@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
 from edgelm.runtime.kv_cache import KVCache, SharedKVCache, StaticKVCache
+from edgelm.runtime.load_cache import enabled as load_cache_enabled
 from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
@@ -23,10 +24,12 @@ class Decoder:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
-                 threads: int | None = None, optimization: str = "all", model_file: str | None = None):
+                 threads: int | None = None, optimization: str = "all", model_file: str | None = None,
+                 load_cache: bool | None = None):
         self.manifest = manifest
         self.model_file = model_file or manifest.model_file
-        self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization)
+        self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization,
+                                      load_cache=load_cache_enabled(load_cache))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         required = {"input_ids", "attention_mask", "logits"}
@@ -159,8 +162,9 @@ class StaticDecoder(Decoder):
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
-                 threads: int | None = None, optimization: str = "all", model_file: str | None = None):
-        super().__init__(model_dir, manifest, provider, threads, optimization, model_file)
+                 threads: int | None = None, optimization: str = "all", model_file: str | None = None,
+                 load_cache: bool | None = None):
+        super().__init__(model_dir, manifest, provider, threads, optimization, model_file, load_cache)
         self.static = True
         self.capacity = int(manifest.static_max_length)
         self.static_batch = int(manifest.static_batch or 1)

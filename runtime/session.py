@@ -151,19 +151,37 @@ def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
 
 
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,
-                   optimization: str = "all", extra_options: dict[str, Any] | None = None) -> ort.InferenceSession:
-    """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file."""
+                   optimization: str = "all", extra_options: dict[str, Any] | None = None,
+                   load_cache: bool = False) -> ort.InferenceSession:
+    """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file.
+
+    ``load_cache``: a plain CPU session of an ``.onnx`` graph goes through ``load_cache`` (onnxruntime's
+    prepacked graph saved on the first load, read back on later ones); off for graphs still being written
+    (an export measuring itself in its temporary folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} is missing; re-export the model")
     if os.path.getsize(path) == 0:
         raise ModelLoadError(f"model file {path} is empty; re-export the model")
     providers = resolve_providers(provider)
-    opts = session_options(threads, optimization)
-    for key, value in (extra_options or {}).items():
-        opts.add_session_config_entry(key, str(value))
+
+    def make_options() -> ort.SessionOptions:
+        opts = session_options(threads, optimization)
+        for key, value in (extra_options or {}).items():
+            opts.add_session_config_entry(key, str(value))
+        return opts
+
+    opts = make_options()  # a bad setting is refused here, before anything loads
+    names = [n for n, _ in providers]
+    cached = (load_cache and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
+              and optimization != "disable")
     try:
-        return ort.InferenceSession(str(path), opts, providers=[n for n, _ in providers],
+        if cached:
+            from edgelm.runtime import load_cache as cache
+
+            return cache.session(path, make_options, optimization, names)
+        return ort.InferenceSession(str(path), opts, providers=names,
                                     provider_options=[o for _, o in providers])
     except Exception as exc:  # onnxruntime raises its own exception types for every load failure
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -38,7 +38,11 @@ def test_edgelm_worker_runs_with_the_requested_threads(threads, exported):
     # the report shows edgelm's departures from onnxruntime's session defaults, read back from the session
     assert res["threads_used"]["force_spinning_stop"] == 1
     assert res["threads_used"]["prepack.enable_parallel"] == 0  # opt-in: it raises peak memory at load
+    assert res["threads_used"]["load_cache"] in ("written", "hit")
     assert res["decode_tps"] > 0 and res["tokens"] == REQUEST["new_tokens"]
+    # a decode step split into onnxruntime's run and what edgelm adds: both parts of the measured step
+    assert 0 < res["ort_step_ms"] < 1000 / res["decode_tps"]
+    assert res["python_step_ms"] == pytest.approx(1000 / res["decode_tps"] - res["ort_step_ms"])
 
 
 def test_torch_worker_runs_with_the_requested_threads(checkpoint):
@@ -127,6 +131,8 @@ def test_report_prints_what_each_system_ran_with():
     }
     text = bench.markdown(results)
     assert "| genai | genai_config decoder session_options via og.Config.overlay | intra_op_num_threads=2" in text
+    results["first_load"] = {"edgelm": {"load_s": 0.91, "load_cache": "written"}, "genai": {"load_s": 0.3}}
+    assert "edgelm 0.91 s (load cache: written), genai 0.30 s" in bench.markdown(results)
 
 
 def test_speculative_bench_checks_exactness_and_reports_every_configuration(exported, tmp_path):

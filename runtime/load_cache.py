@@ -1,0 +1,179 @@
+"""A per-device cache of onnxruntime's optimized, prepacked form of a graph: later loads skip that work.
+
+Most of a session's load is onnxruntime optimizing the graph and then repacking every MatMul and
+MatMulNBits weight into its CPU kernels' layout, one weight after another, into fresh memory.
+onnxruntime can save both results (``session.save_external_prepacked_constant_initializers``):
+the first load of a model on a machine writes them here, and every later load reads them back
+from a memory-mapped file instead of redoing them. The logits are the same to the bit (tests), and
+since the packed weights are then file pages rather than fresh allocations, loads take about
+0.6x the time (``edgelm bench`` reports the load; README, Performance).
+
+The packed layout depends on the CPU's instruction set, the onnxruntime version and the
+optimization level, so the cache lives on the device (``$EDGELM_CACHE/load-cache``), never in the
+model folder, and its key holds all three plus the size and modification time of the model's
+files: a re-export or an upgrade gets a fresh entry and the stale one of the same model is removed.
+It costs disk: the saved file keeps the original weights beside the packed ones (SmolLM2 int8:
+330 MB for a 148 MB export). ``EDGELM_LOAD_CACHE=0`` (or ``load_cache=False``) turns it off.
+Only plain CPU sessions use it (other providers pack nothing of the CPU's, or compile the graph).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import onnxruntime as ort
+
+ENV = "EDGELM_LOAD_CACHE"
+MODEL_NAME = "model.onnx"
+STATUS = "edgelm_load_cache"
+"""The attribute of each session this module makes that says how the load went: "hit" (read from the
+cache), "written" (loaded and saved to it) or "failed" (loaded without it, after a warning)."""
+STALE_TMP_SECONDS = 3600
+"""A temporary entry older than this is taken for one a killed process left behind, and removed."""
+
+
+def enabled(requested: bool | None) -> bool:
+    """``requested`` if given, else ``$EDGELM_LOAD_CACHE`` (default on)."""
+    if requested is not None:
+        return bool(requested)
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1"):
+        from edgelm.runtime.errors import ProviderError
+
+        raise ProviderError(f"{ENV}={value!r}: use 1 to cache onnxruntime's prepacked graph, 0 to load without it")
+    return value == "1"
+
+
+def root() -> Path:
+    base = os.environ.get("EDGELM_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "edgelm") / "load-cache"
+
+
+def _cpu_identity() -> str:
+    """What decides the packed layout besides onnxruntime: the architecture and the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features", "model name", "cpu part"):
+                    flags += line.strip() + "\n"
+                if not line.strip() and flags:  # the first processor's block is enough
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()}\n{flags}"
+
+
+def _sources(model: Path) -> list[Path]:
+    """The graph and its external data files (names that start with the graph's file name)."""
+    return sorted(p for p in model.parent.iterdir() if p.is_file() and p.name.startswith(model.name))
+
+
+def key(model: Path, optimization: str) -> str:
+    parts = [ort.__version__, optimization, _cpu_identity(), str(model.resolve())]
+    for p in _sources(model):
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _entry(model: Path, optimization: str) -> Path:
+    return root() / f"{model.parent.name}-{key(model, optimization)}"
+
+
+def _sweep(model: Path, keep: Path) -> None:
+    """Remove this model's entries under other keys (re-exported, upgraded), entries of models that are gone,
+    and temporary folders left by kills."""
+    now = time.time()
+    source = str(model.resolve())
+    for p in root().iterdir():
+        if p == keep or not p.is_dir():
+            continue
+        if p.name.startswith(".tmp-"):
+            if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+            continue
+        try:
+            meta = json.loads((p / "source.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("source") == source or not Path(meta.get("source", "")).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimization: str,
+            providers: list[str]) -> ort.InferenceSession:
+    """A CPU session of ``model``: from the cached prepacked graph when there is one, else one that writes it.
+
+    Any failure to read or write the cache (full disk, read-only home, a damaged entry) falls back
+    to a plain session with a warning: the cache may only ever make a load faster.
+    """
+    entry = _entry(model, optimization)
+    cached = entry / MODEL_NAME
+    if cached.is_file():
+        opts = make_options()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # saved already optimized
+        try:
+            return _marked(ort.InferenceSession(str(cached), opts, providers=providers), "hit")
+        except Exception as exc:  # a damaged entry: drop it and write it again below
+            warnings.warn(f"edgelm: the load cache entry {entry} is unreadable ({exc}); writing it again", RuntimeWarning,
+                          stacklevel=4)
+            shutil.rmtree(entry, ignore_errors=True)
+    try:
+        root().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root()))
+    except OSError as exc:
+        warnings.warn(f"edgelm: cannot write the load cache in {root()} ({exc}); loading without it "
+                      f"(set {ENV}=0 to stop trying)", RuntimeWarning, stacklevel=4)
+        return _marked(ort.InferenceSession(str(model), make_options(), providers=providers), "failed")
+    try:
+        opts = make_options()
+        opts.optimized_model_filepath = str(tmp / MODEL_NAME)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", MODEL_NAME + ".data")
+        opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        sess = ort.InferenceSession(str(model), opts, providers=providers)
+    except Exception:  # a full disk while saving, or a model that does not load: a plain load tells them apart
+        shutil.rmtree(tmp, ignore_errors=True)
+        sess = ort.InferenceSession(str(model), make_options(), providers=providers)
+        warnings.warn(f"edgelm: onnxruntime could not save {model}'s prepacked graph in the load cache; loaded "
+                      "without it", RuntimeWarning, stacklevel=4)
+        return _marked(sess, "failed")
+    try:
+        if not (tmp / MODEL_NAME).is_file():
+            raise OSError("onnxruntime wrote no optimized graph")
+        (tmp / "source.json").write_text(json.dumps({"source": str(model.resolve()), "onnxruntime": ort.__version__,
+                                                     "optimization": optimization}))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process wrote the same entry first: keep theirs
+            if not (entry / MODEL_NAME).is_file():
+                raise
+        _sweep(model, entry)
+        status = "written"
+    except OSError as exc:
+        warnings.warn(f"edgelm: could not write the load cache entry for {model} ({exc}); loaded without it",
+                      RuntimeWarning, stacklevel=4)
+        status = "failed"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _marked(sess, status)
+
+
+def _marked(sess: ort.InferenceSession, status: str) -> ort.InferenceSession:
+    setattr(sess, STATUS, status)
+    return sess
+
+
+def status(sess: ort.InferenceSession) -> str:
+    """How ``sess`` was loaded: "hit", "written", "failed", or "off" (not through the cache)."""
+    return getattr(sess, STATUS, "off")
