@@ -43,7 +43,7 @@ done
 # is the difference between this table and the ones above.
 python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 "$MODELS/smollm2-int8" genai:int8 \
     "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --runs "$RUNS" \
-    --threads 2 --profile --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
+    --threads 2 --interleaved --profile --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
 python3 -m edgelm.cli.bench_chat "$MODELS/smollm2-fp32" --turns 10 --threads 2 --out "$OUT/conversation.json" \
     | tee "$OUT/conversation.md"
 echo "benchmarks: tables, JSON and plots in $OUT/" >&2

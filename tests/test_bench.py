@@ -222,6 +222,36 @@ def test_graph_bench_profile_counts_each_operator_per_step(exported, tmp_path, c
     assert not list(Path(tempfile.gettempdir()).glob("bench_graph_*/profile*"))
 
 
+def test_graph_bench_interleaved_pairs_both_graphs_in_one_process(exported, tmp_path, capsys, monkeypatch):
+    """--interleaved runs each pair in one process, taking turns: every round gives a ratio (anchor's step time over
+    the graph's, so above 1 means the graph is faster), pooled over the processes, and the table prints it."""
+    from edgelm.cli import bench_graph
+
+    fused, plain = exported("tiny-llama"), exported("tiny-gpt2")
+    out = tmp_path / "graph.json"
+    assert bench_graph.main(["--pairs", str(fused), str(plain), "--interleaved", "--runs", "2", "--steps", "4",
+                             "--prompt", "3", "--threads", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["interleaved"]
+    assert row["rounds"] == 2 * bench_graph.INTERLEAVED_ROUNDS
+    assert 0 < row["ratio"]["q1"] <= row["ratio"]["median"] <= row["ratio"]["q3"]
+    assert f"| {fused / 'model.onnx'} | {plain / 'model.onnx'} | {row['ratio']['median']:.3f}x (" in capsys.readouterr().out
+
+    class Fixed:  # a graph whose steps take a known time: the ratio's direction, without timing anything
+        def __init__(self, path, *a, **k):
+            self.seconds = 2.0 if Path(path).name == "slow" else 1.0
+
+        def step(self):
+            return self.seconds
+
+        def cache_written(self):
+            return True
+
+    monkeypatch.setattr(bench_graph, "_Graph", Fixed)
+    assert set(bench_graph.interleaved_ratios(Path("slow"), Path("fast"), 1, 0)["ratios"]) == {0.5}
+    with pytest.raises(SystemExit):  # argparse's error: interleaving compares pairs
+        bench_graph.main([str(fused), "--interleaved"])
+
+
 def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
     from edgelm.cli import bench_graph
 

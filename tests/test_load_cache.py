@@ -23,9 +23,9 @@ PROMPT = np.array([[5, 17, 99, 3, 250, 8, 42, 7, 11, 64]], np.int64)
 
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(load_cache.DIR_ENV, str(tmp_path / "load-cache"))
     monkeypatch.delenv(load_cache.ENV, raising=False)
-    return tmp_path / "cache" / "load-cache"
+    return tmp_path / "load-cache"
 
 
 def _entries(root: Path) -> list[Path]:
@@ -87,7 +87,7 @@ def test_a_damaged_entry_is_written_again(exported, cache_root):
 def test_an_unwritable_cache_loads_without_it(exported, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("the cache root cannot be made under a file")
-    monkeypatch.setenv("EDGELM_CACHE", str(blocker))
+    monkeypatch.setenv(load_cache.DIR_ENV, str(blocker / "load-cache"))
     model = exported("tiny-llama")
     with pytest.warns(RuntimeWarning, match="load cache"):
         lm = CausalLM.load(model)
@@ -106,6 +106,14 @@ def test_the_variable_turns_it_off_and_a_bad_value_is_refused(exported, cache_ro
     monkeypatch.setenv(load_cache.ENV, "yes")
     with pytest.raises(ProviderError, match=load_cache.ENV):
         CausalLM.load(model)
+
+
+def test_the_cache_lives_in_edgelms_cache_unless_moved(tmp_path, monkeypatch):
+    monkeypatch.delenv(load_cache.DIR_ENV, raising=False)
+    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "edgelm"))
+    assert load_cache.root() == tmp_path / "edgelm" / "load-cache"
+    monkeypatch.setenv(load_cache.DIR_ENV, str(tmp_path / "elsewhere"))
+    assert load_cache.root() == tmp_path / "elsewhere"
 
 
 def test_sessions_outside_a_loaded_model_do_not_use_it(exported, cache_root):
