@@ -144,16 +144,15 @@ def _readline() -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from edgelm.cli.main import _generation_kwargs, provider_spec
+    from edgelm.cli.main import _generation_kwargs, load_model
     from edgelm.runtime import CausalLM
     from edgelm.runtime.errors import EdgeLMError
 
-    lm = CausalLM.load(args.model_dir, provider=provider_spec(args), threads=args.threads, model_file=args.model_file)
+    lm = load_model(CausalLM, args.model_dir, args, args.model_file)
     conv = lm.conversation(system=args.system, context_policy=args.context_policy)
     kwargs = _generation_kwargs(args)
     if args.assistant_model:
-        kwargs["assistant_model"] = CausalLM.load(args.assistant_model, provider=provider_spec(args),
-                                                  threads=args.threads)
+        kwargs["assistant_model"] = load_model(CausalLM, args.assistant_model, args)
     if args.seed is not None:
         kwargs["seed"] = args.seed
     session = _Session(conv, kwargs, sys.stdout)

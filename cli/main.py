@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.runtime.errors import EdgeLMError, ProviderError
@@ -49,6 +50,18 @@ def provider_spec(args: argparse.Namespace) -> Any:
             raise ProviderError(f"--provider-option takes KEY=VALUE, got {item!r}")
         options[key] = value
     return (args.provider, options)
+
+
+def load_model(cls: Any, model_dir: str | Path, args: argparse.Namespace, model_file: str | None = None) -> Any:
+    """``cls.load`` with the command's provider and threads; on the CPU, first says on stderr when this load
+    writes the model's load cache entry (runtime.load_cache), the one load that takes seconds longer."""
+    from edgelm.runtime import load_cache
+
+    if args.provider == "cpu" and load_cache.will_write(Path(model_dir) / (model_file or "model.onnx")):
+        print(f"edgelm: first load of {model_dir} on this machine: saving onnxruntime's prepacked graph to the load "
+              f"cache ({load_cache.root()}; once, later loads are faster; {load_cache.ENV}=0 skips it)",
+              file=sys.stderr)
+    return cls.load(model_dir, provider=provider_spec(args), threads=args.threads, model_file=model_file)
 
 
 # --- export -------------------------------------------------------------------------
@@ -251,10 +264,10 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgelm.runtime import CausalLM, TextStreamer
 
-    lm = CausalLM.load(args.model_dir, provider=provider_spec(args), threads=args.threads, model_file=args.model_file)
+    lm = load_model(CausalLM, args.model_dir, args, args.model_file)
     kw = _generation_kwargs(args)
     if args.assistant_model:
-        kw["assistant_model"] = CausalLM.load(args.assistant_model, provider=provider_spec(args), threads=args.threads)
+        kw["assistant_model"] = load_model(CausalLM, args.assistant_model, args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
@@ -307,7 +320,7 @@ def _add_fill_mask(sub: Any) -> None:
 def _cmd_fill_mask(args: argparse.Namespace) -> int:
     from edgelm.runtime import MaskedLM
 
-    lm = MaskedLM.load(args.model_dir, provider=provider_spec(args), threads=args.threads, model_file=args.model_file)
+    lm = load_model(MaskedLM, args.model_dir, args, args.model_file)
     result = lm.fill_mask(args.text, top_k=args.top_k)
     if args.json:
         print(json.dumps(result))

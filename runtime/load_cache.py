@@ -118,6 +118,15 @@ def _sweep(model: Path, keep: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def will_write(model: Path, optimization: str = "all") -> bool:
+    """Whether a CPU load of ``model`` now would write its entry (the cache is on, the graph exists, no entry yet):
+    a command line can say why this one load takes longer."""
+    model = Path(model)
+    if not enabled(None) or model.suffix != ".onnx" or not model.is_file():
+        return False
+    return not (_entry(model, optimization) / MODEL_NAME).is_file()
+
+
 def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimization: str,
             providers: list[str]) -> ort.InferenceSession:
     """A CPU session of ``model``: from the cached prepacked graph when there is one, else one that writes it.

@@ -33,6 +33,21 @@ def test_generate_streams_text(exported):
     assert proc.stdout.strip()
 
 
+def test_generate_says_when_it_writes_the_load_cache(exported, tmp_path):
+    """The one slower load (it saves onnxruntime's prepacked graph) says why on stderr; later ones are quiet,
+    and stdout holds only the output either way."""
+    import os
+
+    env = {**os.environ, "EDGELM_LOAD_CACHE_DIR": str(tmp_path / "load-cache")}
+    cmd = [sys.executable, "-m", "edgelm.cli", "generate", str(exported("tiny-llama")), "hi", "--max-new-tokens", "3",
+           "--json"]
+    first, again = (subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env) for _ in range(2))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert "first load" in first.stderr and "load cache" in first.stderr
+    assert "first load" not in again.stderr
+    assert json.loads(first.stdout)["sequences"] == json.loads(again.stdout)["sequences"]
+
+
 def test_generate_bad_settings_one_line(exported):
     proc = _cli("generate", str(exported("tiny-llama")), "hi", "--do-sample", "--temperature", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "temperature" in proc.stderr
