@@ -29,7 +29,7 @@ class Decoder:
         self.manifest = manifest
         self.model_file = model_file or manifest.model_file
         self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization,
-                                      load_cache=load_cache_enabled(load_cache))
+                                      use_cache=load_cache_enabled(load_cache))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         required = {"input_ids", "attention_mask", "logits"}

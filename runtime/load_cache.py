@@ -4,9 +4,10 @@ Most of a session's load is onnxruntime optimizing the graph and then repacking 
 MatMulNBits weight into its CPU kernels' layout, one weight after another, into fresh memory.
 onnxruntime can save both results (``session.save_external_prepacked_constant_initializers``):
 the first load of a model on a machine writes them here, and every later load reads them back
-from a memory-mapped file instead of redoing them. The logits are the same to the bit (tests), and
-since the packed weights are then file pages rather than fresh allocations, loads take about
-0.6x the time (``edgelm bench`` reports the load; README, Performance).
+from a memory-mapped file instead of redoing them. The logits are the same to the bit (tests); a
+load takes about 0.45x (float32) to 0.8x (``gguf``) the time without it on SmolLM2 (one-off checks;
+``edgelm bench`` reports the load against genai's, README Performance), and the packed weights are
+file pages the OS can share and reclaim rather than fresh allocations.
 
 The packed layout depends on the CPU's instruction set, the onnxruntime version and the
 optimization level, so the cache lives on the device (``$EDGELM_CACHE/load-cache``), never in the

@@ -15,6 +15,7 @@ from typing import Any, Sequence, Union
 
 import onnxruntime as ort
 
+from edgelm.runtime import load_cache
 from edgelm.runtime.errors import ModelLoadError, ProviderError
 
 ALIASES = {
@@ -152,10 +153,10 @@ def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
 
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,
                    optimization: str = "all", extra_options: dict[str, Any] | None = None,
-                   load_cache: bool = False) -> ort.InferenceSession:
+                   use_cache: bool = False) -> ort.InferenceSession:
     """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file.
 
-    ``load_cache``: a plain CPU session of an ``.onnx`` graph goes through ``load_cache`` (onnxruntime's
+    ``use_cache``: a plain CPU session of an ``.onnx`` graph goes through ``load_cache`` (onnxruntime's
     prepacked graph saved on the first load, read back on later ones); off for graphs still being written
     (an export measuring itself in its temporary folder).
     """
@@ -174,13 +175,11 @@ def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | No
 
     opts = make_options()  # a bad setting is refused here, before anything loads
     names = [n for n, _ in providers]
-    cached = (load_cache and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
+    cached = (use_cache and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
               and optimization != "disable")
     try:
         if cached:
-            from edgelm.runtime import load_cache as cache
-
-            return cache.session(path, make_options, optimization, names)
+            return load_cache.session(path, make_options, optimization, names)
         return ort.InferenceSession(str(path), opts, providers=names,
                                     provider_options=[o for _, o in providers])
     except Exception as exc:  # onnxruntime raises its own exception types for every load failure
