@@ -11,9 +11,10 @@ from typing import Iterator
 
 
 def cache_dir() -> Path:
-    """The root of edgelm's cache: ``$EDGELM_CACHE`` if set, else ``~/.cache/edgelm``."""
-    root = os.environ.get("EDGELM_CACHE")
-    path = Path(root).expanduser() if root else Path.home() / ".cache" / "edgelm"
+    """The root of edgelm's cache (``runtime.load_cache.edgelm_cache``), created if missing."""
+    from edgelm.runtime.load_cache import edgelm_cache
+
+    path = edgelm_cache()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

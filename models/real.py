@@ -41,7 +41,7 @@ def fetch_wheel(name: str, version: str, log=print) -> Path:
     with atomic_dir(wheels / f"{stem}-{version}.download", overwrite=True) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "on", "-d", str(tmp), f"{name}=={version}"]
-        proc = subprocess.run(cmd, stdout=sys.stderr)
+        proc = subprocess.run(cmd, stdout=2)  # file descriptor 2: sys.stderr may be a Python object without one
         if proc.returncode != 0:
             raise ModelLoadError(
                 f"could not download {name}=={version} with pip (exit {proc.returncode}); "

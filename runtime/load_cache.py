@@ -20,6 +20,7 @@ Only plain CPU sessions use it (other providers pack nothing of the CPU's, or co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,15 +58,21 @@ def enabled(requested: bool | None) -> bool:
 DIR_ENV = "EDGELM_LOAD_CACHE_DIR"
 
 
-def root() -> Path:
-    """``$EDGELM_LOAD_CACHE_DIR``, else ``load-cache`` in edgelm's cache (``$EDGELM_CACHE`` or ``~/.cache/edgelm``)."""
-    own = os.environ.get(DIR_ENV)
-    if own:
-        return Path(own).expanduser()
+def edgelm_cache() -> Path:
+    """The root of every edgelm cache: ``$EDGELM_CACHE`` if set, else ``~/.cache/edgelm`` (not created here).
+
+    It lives in the runtime, the lowest layer that needs it; the model recipes' cache builds on it."""
     base = os.environ.get("EDGELM_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "edgelm") / "load-cache"
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "edgelm"
 
 
+def root() -> Path:
+    """``$EDGELM_LOAD_CACHE_DIR``, else ``load-cache`` in edgelm's cache."""
+    own = os.environ.get(DIR_ENV)
+    return Path(own).expanduser() if own else edgelm_cache() / "load-cache"
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """What decides the packed layout besides onnxruntime: the architecture and the CPU's feature flags."""
     flags = ""
@@ -135,6 +142,13 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
     Any failure to read or write the cache (full disk, read-only home, a damaged entry) falls back
     to a plain session with a warning: the cache may only ever make a load faster.
     """
+
+    def without(why: str) -> ort.InferenceSession:
+        sess = ort.InferenceSession(str(model), make_options(), providers=providers)  # a bad model raises here
+        warnings.warn(f"edgelm: {why}; loaded {model} without the load cache (set {ENV}=0 to stop trying)",
+                      RuntimeWarning, stacklevel=5)
+        return _marked(sess, "failed")
+
     entry = _entry(model, optimization)
     cached = entry / MODEL_NAME
     if cached.is_file():
@@ -150,9 +164,7 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
         root().mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root()))
     except OSError as exc:
-        warnings.warn(f"edgelm: cannot write the load cache in {root()} ({exc}); loading without it "
-                      f"(set {ENV}=0 to stop trying)", RuntimeWarning, stacklevel=4)
-        return _marked(ort.InferenceSession(str(model), make_options(), providers=providers), "failed")
+        return without(f"cannot write the load cache in {root()} ({exc})")
     try:
         opts = make_options()
         opts.optimized_model_filepath = str(tmp / MODEL_NAME)
@@ -161,10 +173,7 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
         sess = ort.InferenceSession(str(model), opts, providers=providers)
     except Exception:  # a full disk while saving, or a model that does not load: a plain load tells them apart
         shutil.rmtree(tmp, ignore_errors=True)
-        sess = ort.InferenceSession(str(model), make_options(), providers=providers)
-        warnings.warn(f"edgelm: onnxruntime could not save {model}'s prepacked graph in the load cache; loaded "
-                      "without it", RuntimeWarning, stacklevel=4)
-        return _marked(sess, "failed")
+        return without("onnxruntime could not save the prepacked graph in the load cache")
     try:
         if not (tmp / MODEL_NAME).is_file():
             raise OSError("onnxruntime wrote no optimized graph")
@@ -177,9 +186,9 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
                 raise
         _sweep(model, entry)
         status = "written"
-    except OSError as exc:
-        warnings.warn(f"edgelm: could not write the load cache entry for {model} ({exc}); loaded without it",
-                      RuntimeWarning, stacklevel=4)
+    except OSError as exc:  # the session is loaded: keep it, only the entry is missing
+        warnings.warn(f"edgelm: could not write the load cache entry for {model} ({exc})", RuntimeWarning,
+                      stacklevel=4)
         status = "failed"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
