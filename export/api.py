@@ -89,6 +89,14 @@ FLOAT_DIR = ".float32"
 """Where a quantized export keeps its validated float32 graph until the quantized one is measured against it."""
 
 
+def _rotary(model: Any) -> tuple[Any, float]:
+    """Fused attention's rotary parameters as numpy, for a quantized graph that rebuilds its tables at load."""
+    from edgelm.export.fused import rotary_parameters
+
+    inv_freq, scale = rotary_parameters(model)
+    return inv_freq.detach().cpu().numpy(), scale
+
+
 def _weights_line(report: dict[str, Any]) -> str:
     parts = ", ".join(f"{kind}: {n / 1e6:.1f}M" for kind, n in (report.get("weights") or {}).items())
     kept = report.get("kept_float32") or []
@@ -245,6 +253,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         architecture = (config.architectures or [type(src.model).__name__])[0]
         generation_config = getattr(src.model, "generation_config", None) if src.task == "causal-lm" else None
         special = _special_ids(src)
+        rotary = _rotary(src.model) if fused_op else None
         _free(src)
         tied, inputs = _consolidate(raw_dir, tmp, tie=quantize != "int8-dynamic", inputs=inputs,
                                     keep_logits=src.task == "causal-lm" and static_max_length is None)
@@ -286,7 +295,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             calibration = src.tokenizer(builtin_text("calibration.txt"))["input_ids"]
             ctx = quant.Context(gguf_file=Path(source) if src.gguf_file else None, calibration_ids=list(calibration),
                                 vocab_size=vocab_size if src.task == "causal-lm" else None,
-                                max_positions=getattr(config, "max_position_embeddings", None), log=log)
+                                max_positions=getattr(config, "max_position_embeddings", None),
+                                rotary=rotary, log=log)
             quant_report = quant.quantize_file(float_dir / MODEL_FILE, tmp / MODEL_FILE, quantize, ctx)
             log(f"      {_weights_line(quant_report)}")
         mobile_report = None

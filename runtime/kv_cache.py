@@ -189,8 +189,22 @@ class SharedKVCache:
         self.length = min(self.length, length)
 
     def reorder(self, rows: np.ndarray) -> None:
+        """Rows ``rows`` of the cache (beam search, once per step).
+
+        With the batch size unchanged on the CPU, only the rows that change are rewritten, in the buffers
+        themselves and only over the filled slots: a C-level OrtValue's ``numpy()`` is a view of its
+        memory, so the binding stays valid. (A new buffer per step copied the whole capacity twice and
+        rebound 2 x layers values: a few ms a step for SmolLM2's 4 beams.)
+        """
         rows = np.asarray(rows)
         if rows.shape[0] == self.batch and np.array_equal(rows, np.arange(self.batch)):
+            return
+        if rows.shape[0] == self.batch and self.device == "cpu":
+            moved = np.flatnonzero(rows != np.arange(self.batch))
+            source, n = rows[moved], self.length
+            for v in self.values:
+                buf = v.numpy()
+                buf[moved, :, :n] = buf[source, :, :n]  # the right side is gathered into a copy first
             return
         self.values = [owned(v.numpy()[rows], self.device, self.device_id) for v in self.values]
         self.shape = (int(rows.shape[0]), *self.shape[1:])

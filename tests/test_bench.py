@@ -149,7 +149,8 @@ def test_speculative_bench_checks_exactness_and_reports_every_configuration(expo
                          cut_draft_dir=str(tmp_path / "cut"), spinning_ablation=True)
     assert res["target_dtype"] == "float32"
     names = {r["config"] for r in res["rows"]}
-    assert {"greedy", "draft, 20 tokens", "draft, heuristic from 5", "prompt lookup, 10", "cut draft, 8 tokens",
+    assert {"greedy", "draft, 20 tokens", "draft, heuristic from 5", "prompt lookup, 10", "prompt lookup, 3",
+            "cut draft, 8 tokens",
             "draft, 8 tokens, workers spinning"} <= names
     assert res["step_ms"]["cut draft"] and "cut draft" in bench_spec.markdown(res)
     assert len(res["rows"]) == 2 * len(names)  # both workloads

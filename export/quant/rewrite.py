@@ -109,6 +109,12 @@ class _Builder:
         self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def _scalar(self, value: np.generic, base: str) -> str:
+        """A 0-d initializer (``_init`` makes 1-d ones; Range takes only true scalars)."""
+        name = self._name(base)
+        self.new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
     def _float(self, array: np.ndarray, base: str, nodes: list[onnx.NodeProto]) -> str:
         """A float32 constant, stored as float16 when every value survives the trip (GGUF scales are fp16).
 
@@ -224,13 +230,24 @@ class _Builder:
         if key not in self.block_sums:
             ind = (k, block)
             if ind not in self.indicators:
-                j = np.zeros((k, k // block), np.float32)
-                j[np.arange(k), np.arange(k) // block] = 1.0
-                self.indicators[ind] = self._float(j, f"block_sum_{k}_{block}", nodes)
+                self.indicators[ind] = self._indicator(k, block, nodes)
             out = self._name(f"{x}_block_sums")
             nodes.append(helper.make_node("MatMul", [x, self.indicators[ind]], [out], name=self._name("BlockSum")))
             self.block_sums[key] = out
         return self.block_sums[key]
+
+    def _indicator(self, k: int, block: int, nodes: list[onnx.NodeProto]) -> str:
+        """J (K, K / block) float32, J[i, b] = 1 where i // block == b, built by nodes onnxruntime folds at load:
+        stored, it would take K * K / block halves (1.5 MB for Qwen2.5-0.5B's down projections)."""
+        base = f"block_sum_{k}_{block}"
+        rows = self._node("Range", [self._scalar(np.int64(0), f"{base}_zero"), self._scalar(np.int64(k), f"{base}_k"),
+                                    self._scalar(np.int64(1), f"{base}_one")], base, nodes)
+        owner = self._node("Unsqueeze", [self._node("Div", [rows, self._init(np.asarray(block, np.int64),
+                                                                                f"{base}_block")], base, nodes),
+                                         self._const_shape([1], f"{base}_axis")], base, nodes)
+        blocks = self._init(np.arange(k // block, dtype=np.int64)[None, :], f"{base}_blocks")
+        return self._node("Cast", [self._node("Equal", [owner, blocks], base, nodes)], base, nodes,
+                          to=onnx.TensorProto.FLOAT)
 
     def _matmul_nbits(self, x: str, part: BlockQuant, out: str, nodes: list[onnx.NodeProto], base: str,
                       shared: tuple[str, str] | None = None) -> None:
@@ -273,15 +290,17 @@ class _Builder:
         """Nodes computing ``out = table_float[indices]`` with GatherBlockQuantized (rank-2 indices).
 
         ``shared``: other operators read the same table (a tied LM head), so it keeps the form they read.
-        A table only looked up, with 5- or 6-bit codes in 8 bits (GGUF Q5_0, Q6_K), is stored as 4 + 2
-        bits instead (``BlockQuant.four_plus_two``): a lookup reads one row per token, so the second
-        operator and its Add cost microseconds a step, and the table takes 6 bits a weight instead of 8
-        (Qwen2.5-Coder-0.5B's Q5_0 table: 110 MB instead of 145, on disk and in memory).
+        A table only looked up, with 5- or 6-bit codes in 8 bits (GGUF Q5_0, Q6_K), is stored as a 4-bit
+        part plus a high part instead (``BlockQuant.four_plus_two``): 2 bits for Q6_K, and for Q5_0, whose
+        high part is one bit, a bit plane (``_gather_plane``), so the table takes its GGUF size (5 bits
+        and a float16 scale per 32 weights). A lookup reads one row per token, so the second lookup and
+        its Add cost microseconds a step (Qwen2.5-Coder-0.5B's Q5_0 table: 93 MB instead of 145 in 8 bits,
+        on disk and in memory).
         """
         v, k = table.shape
         nb = table.n_blocks
         nodes: list[onnx.NodeProto] = []
-        split = None if shared else table.four_plus_two()
+        split = None if shared else (table.four_plus_one() or table.four_plus_two())
         if split is None:
             data, scales2d = self.table_data(table_name, table, nodes)
             blocks = self._gather_blocks(table, data, scales2d, indices, base, nodes)
@@ -295,17 +314,45 @@ class _Builder:
                                               name=self._name(f"{base}_GatherOffsets")))
                 blocks = self._node("Add", [blocks, off], f"{base}_shifted", nodes)
         else:
-            low, high = split
+            low, high = split[0], split[1]
             low_scales = self._scales(low, f"{base}_table_low", nodes)
             high_scales = self._node("Mul", [low_scales, self._init(np.asarray(16, np.float32), f"{base}_x16")],
                                      base, nodes)
-            parts = [self._gather_blocks(part, self._init(part.packed(), f"{base}_table_{name}"), scales, indices,
-                                         f"{base}_{name}", nodes)
-                     for part, scales, name in ((low, low_scales, "low"), (high, high_scales, "high"))]
+            parts = [self._gather_blocks(low, self._init(low.packed(), f"{base}_table_low"), low_scales, indices,
+                                         f"{base}_low", nodes)]
+            if len(split) == 3:  # a bit plane and its zero point
+                parts.append(self._gather_plane(high, split[2], low, high_scales, indices, f"{base}_high", nodes))
+            else:
+                parts.append(self._gather_blocks(high, self._init(high.packed(), f"{base}_table_high"), high_scales,
+                                                 indices, f"{base}_high", nodes))
             blocks = self._node("Add", parts, base, nodes)
         nodes.append(helper.make_node("Reshape", [blocks, self._const_shape([0, 0, k], f"{base}_shape")], [out],
                                       name=self._name(f"{base}_Reshape")))
         return nodes
+
+    def _gather_plane(self, plane: np.ndarray, zero_point: float, like: BlockQuant, scales2d: str, indices: str,
+                      base: str, nodes: list[onnx.NodeProto]) -> str:
+        """(code - ``zero_point``) * scale of a bit plane's rows at ``indices``, (batch, seq, K / block, block)
+        float32, blocked like ``like``.
+
+        Plain ONNX ops of opset 11 (Gather, BitShift, Mod, Cast), since GatherBlockQuantized holds 2 bits at
+        the least: the byte of each group of 8 codes shifted right by 0..7, modulo 2, is the codes in order
+        (``BlockQuant.four_plus_one``). The float32 arithmetic is exact (see there).
+        """
+        v, nb = like.scales.shape
+        rows = self._node("Gather", [self._init(plane, f"{base}_plane"), indices], base, nodes, axis=0)
+        grouped = self._node("Unsqueeze", [rows, self._const_shape([-1], f"{base}_last")], base, nodes)
+        shifted = self._node("BitShift", [grouped, self._init(np.arange(8, dtype=np.uint8), f"{base}_shifts")], base,
+                             nodes, direction="RIGHT")
+        bits = self._node("Mod", [shifted, self._init(np.asarray(2, np.uint8), f"{base}_two")], base, nodes)
+        codes = self._node("Reshape", [self._node("Cast", [bits], base, nodes, to=onnx.TensorProto.FLOAT),
+                                       self._const_shape([0, 0, nb, like.block], f"{base}_blocks_shape")], base, nodes)
+        if zero_point:
+            codes = self._node("Sub", [codes, self._init(np.asarray(zero_point, np.float32), f"{base}_zp")], base,
+                               nodes)
+        scales = self._node("Reshape", [scales2d, self._const_shape([v, nb, 1], f"{base}_scales_shape")], base, nodes)
+        row_scales = self._node("Gather", [scales, indices], base, nodes, axis=0)
+        return self._node("Mul", [codes, row_scales], base, nodes)
 
     def _gather_blocks(self, part: BlockQuant, data: str, scales2d: str, indices: str, base: str,
                        nodes: list[onnx.NodeProto]) -> str:
