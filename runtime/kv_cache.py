@@ -129,26 +129,51 @@ class SharedKVCache:
     IOBinding and binds its 2 x layers values once (again only after growing or reordering), and
     each step rebinds just the token inputs and the logits. Binding 60 values per step cost ~3% of
     a quantized SmolLM2 step.
+
+    On the CPU every layer's buffer is a slice of one numpy array (``store``, (2 x layers, batch,
+    heads, capacity, head_dim)) that the OrtValues wrap without copying: beam search's per-step
+    reorder is then one numpy operation over the moved rows and filled slots of all layers, in
+    place, with the binding left as it is (per buffer, the 60 calls cost SmolLM2's 4 beams ~2 ms a
+    step; new buffers per step, twice that and a rebind).
     """
 
     def __init__(self, names: Sequence[str], present_names: Sequence[str], batch: int, num_kv_heads: int,
                  head_dim: int, capacity: int = 256, device: str = "cpu", device_id: int = 0,
-                 dtype=np.float32, values: list | None = None, length: int = 0):
+                 dtype=np.float32, store: np.ndarray | None = None, length: int = 0):
         self.names = list(names)
         self.present_names = list(present_names)
         self.shape = (batch, num_kv_heads, head_dim)
         self.device, self.device_id, self.dtype = device, device_id, dtype
         self.capacity = capacity
-        self.values = values if values is not None else [self._zeros(capacity) for _ in names]
         self.length = length
+        self.store: np.ndarray | None = None
+        """The CPU buffers of every layer, which ``values`` wrap (None on other devices)."""
+        self.values: list = []
         self._binding: ort.IOBinding | None = None
         self._session: ort.InferenceSession | None = None
         self._bound = False
         """Whether ``self.values`` are bound in ``self._binding`` as they are now."""
+        if store is None:
+            b, h, d = self.shape
+            store = np.zeros((len(self.names), b, h, capacity, d), dtype)
+        self._adopt(store)
 
-    def _zeros(self, capacity: int):
-        b, h, d = self.shape
-        return owned(np.zeros((b, h, capacity, d), self.dtype), self.device, self.device_id)
+    def _adopt(self, store: np.ndarray) -> None:
+        """Take ``store`` (2 x layers, batch, heads, capacity, head_dim) as the buffers: wrapped where it lies on the
+        CPU (the OrtValues live no longer than ``self.store``, which this object keeps), copied elsewhere."""
+        self.shape = (int(store.shape[1]), *self.shape[1:])
+        self.capacity = int(store.shape[3])
+        if self.device == "cpu":
+            self.store = np.ascontiguousarray(store)
+            self.values = [ort.OrtValue.ortvalue_from_numpy(self.store[i])._ortvalue for i in range(len(self.names))]
+        else:
+            self.store = None
+            self.values = [owned(store[i], self.device, self.device_id) for i in range(len(self.names))]
+        self._bound = False
+
+    def _stacked(self) -> np.ndarray:
+        """Every layer's buffer as one (2 x layers, batch, heads, capacity, head_dim) array (a copy off the CPU)."""
+        return self.store if self.store is not None else np.stack([v.numpy() for v in self.values])
 
     @property
     def batch(self) -> int:
@@ -156,12 +181,10 @@ class SharedKVCache:
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
-        grown = []
-        for v in self.values:
-            buf = np.zeros((*self.shape[:2], capacity, self.shape[2]), self.dtype)
-            buf[:, :, : self.length] = v.numpy()[:, :, : self.length]
-            grown.append(owned(buf, self.device, self.device_id))
-        self.values, self.capacity, self._bound = grown, capacity, False
+        old = self._stacked()
+        grown = np.zeros((*old.shape[:3], capacity, old.shape[4]), self.dtype)
+        grown[:, :, :, : self.length] = old[:, :, :, : self.length]
+        self._adopt(grown)
 
     def binding(self, session: ort.InferenceSession) -> tuple[ort.IOBinding, bool]:
         """This cache's own binding for ``session``, kept from step to step (True); ``bind`` fills in the buffers
@@ -189,33 +212,24 @@ class SharedKVCache:
         self.length = min(self.length, length)
 
     def reorder(self, rows: np.ndarray) -> None:
-        """Rows ``rows`` of the cache (beam search, once per step).
-
-        With the batch size unchanged on the CPU, only the rows that change are rewritten, in the buffers
-        themselves and only over the filled slots: a C-level OrtValue's ``numpy()`` is a view of its
-        memory, so the binding stays valid. (A new buffer per step copied the whole capacity twice and
-        rebound 2 x layers values: a few ms a step for SmolLM2's 4 beams.)
-        """
+        """Rows ``rows`` of the cache (beam search, once per step): on the CPU with the batch size unchanged, the
+        moved rows' filled slots rewritten in place (the binding stays valid); else new buffers."""
         rows = np.asarray(rows)
         if rows.shape[0] == self.batch and np.array_equal(rows, np.arange(self.batch)):
             return
-        if rows.shape[0] == self.batch and self.device == "cpu":
+        if rows.shape[0] == self.batch and self.store is not None:
             moved = np.flatnonzero(rows != np.arange(self.batch))
-            source, n = rows[moved], self.length
-            for v in self.values:
-                buf = v.numpy()
-                buf[moved, :, :n] = buf[source, :, :n]  # the right side is gathered into a copy first
+            n = self.length
+            self.store[:, moved, :, :n] = self.store[:, rows[moved], :, :n]  # the right side is gathered first
             return
-        self.values = [owned(v.numpy()[rows], self.device, self.device_id) for v in self.values]
-        self.shape = (int(rows.shape[0]), *self.shape[1:])
-        self._binding, self._bound = None, False  # the batch size changed: a new binding, not a rebind
+        self._adopt(self._stacked()[:, rows])
+        self._binding = None  # the batch size may have changed: a new binding, not a rebind
 
     def gathered(self, rows: np.ndarray) -> "SharedKVCache":
         """A new cache with its own buffers holding ``rows`` (the graph writes in place: never share them)."""
         rows = np.asarray(rows)
-        values = [owned(v.numpy()[rows], self.device, self.device_id) for v in self.values]
         return SharedKVCache(self.names, self.present_names, int(rows.shape[0]), *self.shape[1:], self.capacity,
-                             self.device, self.device_id, self.dtype, values, self.length)
+                             self.device, self.device_id, self.dtype, self._stacked()[:, rows], self.length)
 
     def numpy(self) -> list[np.ndarray]:
         return [v.numpy()[:, :, : self.length] for v in self.values]
