@@ -148,3 +148,21 @@ def test_assisted_sampling_reproduces_and_scores_match_transformers(kind, export
         finite = np.isfinite(theirs)
         assert np.abs(ours[finite] - theirs[finite]).max() < 1e-3
         assert np.isfinite(ours[0, a.sequences[0, at]])  # the emitted token was allowed by the processed scores
+
+
+def test_prompt_lookup_drafts_from_the_place_being_copied():
+    """Among the matches of the tail n-gram, the draft follows the one whose earlier tokens agree longest with the
+    sequence (the place an answer is copying); with no agreement beyond the n-gram, the first match, as in
+    transformers."""
+    from edgelm.runtime.strategies.assisted import PromptLookupCandidates
+
+    lookup = PromptLookupCandidates(3, 2, eos=[])
+    #            first "7 8" -> 1 2 3        copied context "4 5 7 8" -> 9 9 9   the answer so far ends "4 5 7 8"
+    seq = np.array([7, 8, 1, 2, 3, 0, 4, 5, 7, 8, 9, 9, 9, 0, 6, 4, 5, 7, 8], np.int64)
+    draft, _ = lookup.get(seq, limit=10)
+    np.testing.assert_array_equal(draft, [9, 9, 9])
+    seq = np.array([7, 8, 1, 2, 3, 0, 6, 7, 8, 9, 9, 9, 0, 5, 7, 8], np.int64)  # no match agrees before "7 8"
+    draft, _ = lookup.get(seq, limit=10)
+    np.testing.assert_array_equal(draft, [1, 2, 3])
+    draft, _ = lookup.get(seq, limit=2)
+    np.testing.assert_array_equal(draft, [1, 2])

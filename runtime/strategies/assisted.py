@@ -23,7 +23,20 @@ from edgelm.runtime.strategies.sampling import sample_token
 
 
 class PromptLookupCandidates:
-    """Continue the longest recent n-gram that already occurred in the sequence (prompt lookup decoding)."""
+    """Continue the longest recent n-gram that already occurred in the sequence (prompt lookup decoding).
+
+    As in transformers, the sequence's last ``max_matching_ngram_size`` tokens (then fewer) are searched
+    for among its earlier tokens, and the tokens that followed the match are the draft. transformers
+    drafts from the first match; edgelm, among the matches of that n-gram, from the one whose preceding
+    tokens agree longest with the tokens before the sequence's tail (the first of equals, so with no
+    agreement beyond the n-gram it is transformers' pick). When an answer copies its input, a short
+    n-gram recurs all over the input, and the longest agreement finds the place being copied rather than
+    the first place the n-gram happens to occur. The output is the same either way (the target checks
+    every drafted token); only how many are accepted changes.
+    """
+
+    AGREEMENT = 64
+    """How far back the agreement is counted: enough to tell apart the places one text repeats."""
 
     def __init__(self, num_output_tokens: int, max_matching_ngram_size: int | None, eos: list[int]):
         self.num_output_tokens = int(num_output_tokens)
@@ -36,15 +49,31 @@ class PromptLookupCandidates:
         for size in range(min(self.max_ngram, n - 1), 0, -1):
             tail = seq[n - size:]
             windows = np.lib.stride_tricks.sliding_window_view(seq, size)
-            for idx in np.flatnonzero((windows == tail).all(axis=1)):
-                start, end = idx + size, min(idx + size + self.num_output_tokens, n)
-                if start < end:
-                    chosen = seq[start:end]
-                    hits = np.flatnonzero(np.isin(chosen, self.eos)) if self.eos else []
-                    if len(hits):
-                        chosen = chosen[: hits[0]]
-                    return chosen[:limit], None
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            hits = hits[hits + size < n]  # something follows the match (the tail itself is left out)
+            if not hits.size:
+                continue
+            start = int(hits[np.argmax(self._agreement(seq, hits, n - size))]) + size
+            chosen = seq[start:min(start + self.num_output_tokens, n)]
+            stops = np.flatnonzero(np.isin(chosen, self.eos)) if self.eos else []
+            if len(stops):
+                chosen = chosen[: stops[0]]
+            return chosen[:limit], None
         return seq[:0], None
+
+    def _agreement(self, seq: np.ndarray, hits: np.ndarray, tail_start: int) -> np.ndarray:
+        """For each match starting at ``hits``, how many tokens just before it equal those just before the tail."""
+        agree = np.zeros(len(hits), np.int64)
+        alive = np.ones(len(hits), bool)
+        for back in range(1, self.AGREEMENT + 1):
+            if tail_start - back < 0:
+                break
+            alive &= hits - back >= 0
+            alive[alive] = seq[hits[alive] - back] == seq[tail_start - back]
+            if not alive.any():
+                break
+            agree += alive
+        return agree
 
     def update(self, n_matches: int, n_candidates: int) -> None:
         pass
