@@ -237,8 +237,9 @@ QUANTIZED_NOTE = (
     "tokens at once, and its float32 parts (attention) may round differently for several query tokens than "
     "for one. Differences at float32 rounding then flip an activation's int8 rounding now and then, and the "
     "jump grows through the layers. A near-tie can end up on the other side, so the drafted run may leave "
-    "plain greedy at the position shown. MatMulNBits itself gives bit-identical rows for one token or several "
-    "(measured). On float32 targets the output is greedy's exactly (tests/test_assisted.py).")
+    "plain greedy at the position shown. MatMulNBits itself quantizes each row on its own: one token or several "
+    "give the same rows up to the order of float32 sums (bit-identical on some CPUs; tests/test_quant_schemes.py). "
+    "On float32 targets the output is greedy's exactly (tests/test_assisted.py).")
 
 
 def _same(row: dict[str, Any]) -> str:

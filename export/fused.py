@@ -60,17 +60,12 @@ def will_fuse(model: nn.Module, fuse: bool) -> bool:
     return bool(fuse) and fusable(model) is None
 
 
-def rotary_parameters(model: nn.Module) -> tuple[torch.Tensor, float]:
-    """The rotary embedding's inverse frequencies (head_dim / 2,) float32 and its attention scaling."""
-    rotary = model.base_model.rotary_emb if hasattr(model.base_model, "rotary_emb") else model.model.rotary_emb
-    return rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
-
-
 def rotary_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for every position, (max_positions, head_dim / 2), computed as transformers computes them."""
-    inv_freq, scale = rotary_parameters(model)
+    rotary = model.base_model.rotary_emb if hasattr(model.base_model, "rotary_emb") else model.model.rotary_emb
     positions = torch.arange(model.config.max_position_embeddings, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)
+    freqs = torch.outer(positions, rotary.inv_freq.float())
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
     return (freqs.cos() * scale).contiguous(), (freqs.sin() * scale).contiguous()
 
 

@@ -39,6 +39,22 @@ def test_causal_export_validates_with_optimum_names(arch, exported):
         assert (folder / f).is_file(), f
 
 
+def test_tokenizer_json_is_written_compact_with_the_same_content(exported, checkpoint, tmp_path):
+    """tokenizer.json (and vocab.json) lose their indentation, not their content: the same JSON as transformers
+    saves, and the same ids from the tokenizers library."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder = exported("tiny-llama")
+    AutoTokenizer.from_pretrained(checkpoint("tiny-llama")).save_pretrained(tmp_path)
+    ours, theirs = (folder / "tokenizer.json").read_text(), (tmp_path / "tokenizer.json").read_text()
+    assert "\n" not in ours and len(ours) < len(theirs)
+    assert json.loads(ours) == json.loads(theirs)
+    text = "hello world, héllo 世界"
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == \
+        Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids
+
+
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_causal_graph_shapes_are_dynamic(arch, exported):
     """Empty past, batch 3, a chunk of 4 on a past of 5: shapes follow the inputs."""

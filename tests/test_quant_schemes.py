@@ -169,8 +169,10 @@ def test_quality_gate_fails_cleanly(tmp_path, checkpoint):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matmulnbits_rows_do_not_depend_on_how_many_are_fed(bits):
     """The README's and bench_spec's account of assisted decoding on int8-activation graphs rests on this:
-    MatMulNBits at accuracy_level 4 (with zero points, as int8/int4 exports use) gives bit-identical rows whether
-    a pass feeds one token or six, so verify-pass differences come from elsewhere in the step."""
+    MatMulNBits at accuracy_level 4 (with zero points, as int8/int4 exports use) quantizes each row's activations
+    on their own, so a row comes out the same whether a pass feeds one token or six, up to the order of float32
+    sums (bit-identical on some CPUs; on an AMD EPYC host, 4-bit rows differed by 2e-7 relative). A row
+    quantized with the others' ranges would differ by a quantization step, ~1e-2 relative."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -195,62 +197,7 @@ def test_matmulnbits_rows_do_not_depend_on_how_many_are_fed(bits):
     a = rng.standard_normal((1, 6, k)).astype(np.float32)
     together = sess.run(None, {"A": a})[0]
     one_by_one = np.concatenate([sess.run(None, {"A": a[:, i:i + 1]})[0] for i in range(6)], axis=1)
-    np.testing.assert_array_equal(together, one_by_one)
+    scale = float(np.abs(together).max())
+    assert float(np.abs(together - one_by_one).max()) <= 1e-6 * scale, np.abs(together - one_by_one).max() / scale
     w = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(n, k)
     assert np.abs(together[0] - a[0] @ w.T).max() < 0.05 * np.abs(a[0] @ w.T).max()  # and it computes x @ w.T
-
-
-def _rotary_of(checkpoint_dir):
-    from transformers import AutoModelForCausalLM
-
-    from edgelm.export.fused import rotary_parameters
-
-    inv_freq, scale = rotary_parameters(AutoModelForCausalLM.from_pretrained(checkpoint_dir))
-    return inv_freq.numpy(), scale
-
-
-def test_quantized_export_rebuilds_rotary_tables_at_load(exported):
-    """A quantized fused graph stores the rotary inverse frequencies, not the (positions, head_dim / 2) tables, and
-    onnxruntime folds the nodes that rebuild them: no Cos/Sin is left to run per step."""
-    import onnxruntime as ort
-
-    folder = exported("tiny-llama", quantize="int8")
-    man = json.loads((folder / "edgelm.json").read_text())
-    assert man["validation"]["quantization"]["rotary_tables_at_load"] is True
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
-    assert not {gqa.input[7], gqa.input[8]} & {t.name for t in model.graph.initializer}
-    assert {"Cos", "Sin"} <= {n.op_type for n in model.graph.node}
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(folder.parent / "tiny-llama-int8-optimized.onnx")
-    ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    assert not {"Cos", "Sin"} & {n.op_type for n in optimized.graph.node}
-    assert not [n.name for n in optimized.graph.node if n.name.startswith("edgelm_rotary")]
-
-
-def test_rotary_tables_rebuilt_within_an_ulp_or_kept(exported, checkpoint, tmp_path):
-    """On a float graph (which keeps its tables in exports): the rebuilt tables give the stored tables' logits to
-    float32 rounding; inverse frequencies that do not describe the stored tables leave the graph as it was."""
-    import onnxruntime as ort
-
-    from edgelm.export import graph, onnx_files
-    from edgelm.export.quant.rotary import tables_at_load
-
-    folder = exported("tiny-llama")
-    inv_freq, scale = _rotary_of(checkpoint("tiny-llama"))
-    model = onnx_files.load_graph(folder / "model.onnx")
-    before = len(model.graph.node)
-    assert tables_at_load(model, inv_freq * np.float32(1.01), scale) == 0 and len(model.graph.node) == before
-    saved = tables_at_load(model, inv_freq, scale)
-    assert saved > 0
-    graph.save(model, tmp_path / "model.onnx")
-    feeds = {"input_ids": np.array([[5, 9, 2, 7, 11, 3]], np.int64), "attention_mask": np.ones((1, 6), np.int64),
-             "position_ids": np.arange(6, dtype=np.int64)[None]}
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-    ref = session.run(["logits"], feeds)[0]
-    ours = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))

@@ -16,9 +16,8 @@ int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations
 =============  ==========================================================================
 
 All but ``int8-dynamic`` quantize the embedding table and the LM head too (a tied table is
-stored once, quantized, and read by both GatherBlockQuantized and MatMulNBits), and a fused
-graph's rotary tables are rebuilt at load from their frequencies (``rotary``). Every quantized
-export then measures its perplexity against its own float32 graph (``quality``).
+stored once, quantized, and read by both GatherBlockQuantized and MatMulNBits). Every
+quantized export then measures its perplexity against its own float32 graph (``quality``).
 """
 
 from __future__ import annotations
@@ -45,9 +44,6 @@ class Context:
     calibration_ids: list[int] | None = None
     vocab_size: int | None = None
     max_positions: int | None = None
-    rotary: tuple[Any, float] | None = None
-    """Fused attention's rotary inverse frequencies (numpy float32) and scaling: the graph's cos/sin tables are
-    then rebuilt when the session loads instead of stored (``rotary``)."""
     log: Callable[[str], None] = print
 
 
@@ -103,13 +99,6 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
     report = rewrite(model, scheme, vocab_size=ctx.vocab_size, log=ctx.log)
     if not report.quantized:
         raise ExportError(f"--quantize {name} found no weight matrix it could quantize in this model")
-    rotary_saved = 0
-    if ctx.rotary is not None:
-        from edgelm.export.quant.rotary import tables_at_load
-
-        rotary_saved = tables_at_load(model, *ctx.rotary)
-        if rotary_saved:
-            ctx.log(f"      rotary cos/sin tables rebuilt when the session loads ({rotary_saved / 1e6:.1f} MB not stored)")
     graph.save(model, out)
     result: dict[str, Any] = {
         "scheme": name,
@@ -117,7 +106,6 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
         "weights": report.quantized,
         "kept_float32": report.kept_float,
         "weight_bytes": report.weight_bytes,
-        "rotary_tables_at_load": bool(rotary_saved),
     }
     if name == "gguf":
         result["gguf_file"] = str(ctx.gguf_file)
