@@ -147,7 +147,7 @@ def test_dynamic_int8_keeps_matmulinteger(exported):
     folder = exported("tiny-llama", quantize="int8-dynamic")
     ops = _ops(folder)
     assert "MatMulInteger" in ops and "MatMulNBits" not in ops
-    assert json.loads((folder / "edgelm.json").read_text())["validation"]["quality"]["ratio"] > 0
+    assert abs(json.loads((folder / "edgelm.json").read_text())["validation"]["quality"]["ratio"] - 1) < 0.2
 
 
 def test_quality_gate_fails_cleanly(tmp_path, checkpoint):
