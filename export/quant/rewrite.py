@@ -106,13 +106,8 @@ class _Builder:
 
     def _init(self, array: np.ndarray, base: str) -> str:
         name = self._name(base)
-        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def _scalar(self, value: np.generic, base: str) -> str:
-        """A 0-d initializer (``_init`` makes 1-d ones; Range takes only true scalars)."""
-        name = self._name(base)
-        self.new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        array = np.asarray(array)  # 0-d stays 0-d (Range takes only true scalars); ascontiguousarray would make it 1-d
+        self.new_inits.append(numpy_helper.from_array(array if array.ndim == 0 else np.ascontiguousarray(array), name))
         return name
 
     def _float(self, array: np.ndarray, base: str, nodes: list[onnx.NodeProto]) -> str:
@@ -240,8 +235,8 @@ class _Builder:
         """J (K, K / block) float32, J[i, b] = 1 where i // block == b, built by nodes onnxruntime folds at load:
         stored, it would take K * K / block halves (1.5 MB for Qwen2.5-0.5B's down projections)."""
         base = f"block_sum_{k}_{block}"
-        rows = self._node("Range", [self._scalar(np.int64(0), f"{base}_zero"), self._scalar(np.int64(k), f"{base}_k"),
-                                    self._scalar(np.int64(1), f"{base}_one")], base, nodes)
+        rows = self._node("Range", [self._init(np.int64(0), f"{base}_zero"), self._init(np.int64(k), f"{base}_k"),
+                                    self._init(np.int64(1), f"{base}_one")], base, nodes)
         owner = self._node("Unsqueeze", [self._node("Div", [rows, self._init(np.asarray(block, np.int64),
                                                                                 f"{base}_block")], base, nodes),
                                          self._const_shape([1], f"{base}_axis")], base, nodes)

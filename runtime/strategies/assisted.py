@@ -62,18 +62,12 @@ class PromptLookupCandidates:
         return seq[:0], None
 
     def _agreement(self, seq: np.ndarray, hits: np.ndarray, tail_start: int) -> np.ndarray:
-        """For each match starting at ``hits``, how many tokens just before it equal those just before the tail."""
-        agree = np.zeros(len(hits), np.int64)
-        alive = np.ones(len(hits), bool)
-        for back in range(1, self.AGREEMENT + 1):
-            if tail_start - back < 0:
-                break
-            alive &= hits - back >= 0
-            alive[alive] = seq[hits[alive] - back] == seq[tail_start - back]
-            if not alive.any():
-                break
-            agree += alive
-        return agree
+        """For each match starting at ``hits``, how many tokens just before it equal those just before the tail
+        (one vectorized comparison of up to AGREEMENT tokens back per match: this runs once per decode step)."""
+        back = np.arange(1, min(self.AGREEMENT, tail_start) + 1)
+        before = hits[:, None] - back[None, :]
+        same = (before >= 0) & (seq[np.maximum(before, 0)] == seq[tail_start - back][None, :])
+        return np.cumprod(same, axis=1).sum(axis=1)
 
     def update(self, n_matches: int, n_candidates: int) -> None:
         pass
