@@ -81,8 +81,8 @@ class Decoder:
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
         """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""
         if self.shared_buffer:
-            return SharedKVCache(self.past_names, self.present_names, batch, self.num_kv_heads, self.head_dim,
-                                 capacity, self.device)
+            return SharedKVCache.empty(self.past_names, self.present_names, batch, self.num_kv_heads, self.head_dim,
+                                       capacity, self.device)
         return KVCache.empty(self.past_names, batch, self.num_kv_heads, self.head_dim, device=self.device)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,

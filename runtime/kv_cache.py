@@ -137,32 +137,36 @@ class SharedKVCache:
     step; new buffers per step, twice that and a rebind).
     """
 
-    def __init__(self, names: Sequence[str], present_names: Sequence[str], batch: int, num_kv_heads: int,
-                 head_dim: int, capacity: int = 256, device: str = "cpu", device_id: int = 0,
-                 dtype=np.float32, store: np.ndarray | None = None, length: int = 0):
+    def __init__(self, names: Sequence[str], present_names: Sequence[str], store: np.ndarray, device: str = "cpu",
+                 device_id: int = 0, length: int = 0):
+        """``store`` (2 x layers, batch, heads, capacity, head_dim) holds the buffers and decides every dimension."""
         self.names = list(names)
         self.present_names = list(present_names)
-        self.shape = (batch, num_kv_heads, head_dim)
-        self.device, self.device_id, self.dtype = device, device_id, dtype
-        self.capacity = capacity
+        self.device, self.device_id, self.dtype = device, device_id, store.dtype
         self.length = length
         self.store: np.ndarray | None = None
         """The CPU buffers of every layer, which ``values`` wrap (None on other devices)."""
+        self.dims: tuple[int, ...] = ()
+        """The buffers' (2 x layers, batch, heads, capacity, head_dim), wherever they lie."""
         self.values: list = []
         self._binding: ort.IOBinding | None = None
         self._session: ort.InferenceSession | None = None
         self._bound = False
         """Whether ``self.values`` are bound in ``self._binding`` as they are now."""
-        if store is None:
-            b, h, d = self.shape
-            store = np.zeros((len(self.names), b, h, capacity, d), dtype)
         self._adopt(store)
 
+    @classmethod
+    def empty(cls, names: Sequence[str], present_names: Sequence[str], batch: int, num_kv_heads: int, head_dim: int,
+              capacity: int = 256, device: str = "cpu", device_id: int = 0, dtype=np.float32) -> "SharedKVCache":
+        return cls(names, present_names, np.zeros((len(names), batch, num_kv_heads, capacity, head_dim), dtype),
+                   device, device_id)
+
     def _adopt(self, store: np.ndarray) -> None:
-        """Take ``store`` (2 x layers, batch, heads, capacity, head_dim) as the buffers: wrapped where it lies on the
-        CPU (the OrtValues live no longer than ``self.store``, which this object keeps), copied elsewhere."""
-        self.shape = (int(store.shape[1]), *self.shape[1:])
-        self.capacity = int(store.shape[3])
+        """Take ``store`` as the buffers: wrapped where it lies on the CPU (the OrtValues live no longer than
+        ``self.store``, which this object keeps), copied elsewhere."""
+        if store.shape[0] != len(self.names):
+            raise ValueError(f"a cache store of {store.shape[0]} buffers for {len(self.names)} past inputs")
+        self.dims = tuple(int(d) for d in store.shape)
         if self.device == "cpu":
             self.store = np.ascontiguousarray(store)
             self.values = [ort.OrtValue.ortvalue_from_numpy(self.store[i])._ortvalue for i in range(len(self.names))]
@@ -177,7 +181,11 @@ class SharedKVCache:
 
     @property
     def batch(self) -> int:
-        return self.shape[0]
+        return self.dims[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.dims[3]
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
@@ -228,8 +236,8 @@ class SharedKVCache:
     def gathered(self, rows: np.ndarray) -> "SharedKVCache":
         """A new cache with its own buffers holding ``rows`` (the graph writes in place: never share them)."""
         rows = np.asarray(rows)
-        return SharedKVCache(self.names, self.present_names, int(rows.shape[0]), *self.shape[1:], self.capacity,
-                             self.device, self.device_id, self.dtype, self._stacked()[:, rows], self.length)
+        return SharedKVCache(self.names, self.present_names, self._stacked()[:, rows], self.device, self.device_id,
+                             self.length)
 
     def numpy(self) -> list[np.ndarray]:
         return [v.numpy()[:, :, : self.length] for v in self.values]

@@ -17,6 +17,7 @@ Everything a scheme produces is a ``BlockQuant``; the graph rewriter only needs 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +64,16 @@ class Factored:
         return Factored(np.concatenate([f.outer for f in items]),
                         None if first.inner is None else np.concatenate([f.inner for f in items]),
                         first.per, first.sign, first.coef)
+
+
+class BitPlaneSplit(NamedTuple):
+    """A matrix of 5-bit codes as a 4-bit part plus a bit plane (``BlockQuant.four_plus_one``)."""
+
+    low: "BlockQuant"
+    plane: np.ndarray
+    """(N, K / 8) uint8: code k's high bit in bit k % 8 of byte k // 8."""
+    zero_point: float
+    """The plane's zero point h0: the high part's value is 16 * scale * (bit - h0)."""
 
 
 @dataclass
@@ -200,15 +211,14 @@ class BlockQuant:
                           self.source, list(self.exact_of))
         return low, high
 
-    def four_plus_one(self) -> tuple["BlockQuant", np.ndarray, float] | None:
+    def four_plus_one(self) -> BitPlaneSplit | None:
         """The same values as a 4-bit part plus a bit plane, when 8-bit codes span at most 32 levels (GGUF Q5_0).
 
         With u = q - base = low + 16 * high (base the smallest code, high 0 or 1):
         s * (q - z) = s * (low - 8) + 16 s * (high - h0), h0 = (z - base - 8) / 16. The low part keeps
         MatMulNBits' default zero point (nothing stored); h0 is a small dyadic number, so (high - h0) * 16 s
         is a small integer times the block's scale, which float32 holds exactly, as it holds the sum.
-        Returns (low part, (N, K / 8) uint8 plane with code k in bit k % 8 of byte k // 8, h0), or None when
-        the codes span more, or the part has zero points or offsets of its own. GatherBlockQuantized's
+        Returns the low part, the plane and h0, or None when the codes span more, or the part has zero points or offsets of its own. GatherBlockQuantized's
         narrowest codes are 2 bits, so the plane is looked up by plain ONNX ops (``rewrite._Builder._gather_plane``).
         """
         if self.bits != 8 or self.zero_points is not None or self.offsets is not None or not self.q.size \
@@ -220,7 +230,7 @@ class BlockQuant:
         u = self.q.astype(np.int16) - base
         low = BlockQuant((u & 15).astype(np.uint8), self.scales, 4, self.block, None, None, self.source,
                          list(self.exact_of), self.scale_factors)
-        return low, _pack((u >> 4).astype(np.uint8), 1), (2 ** (self.bits - 1) - base - 8) / 16
+        return BitPlaneSplit(low, _pack((u >> 4).astype(np.uint8), 1), (2 ** (self.bits - 1) - base - 8) / 16)
 
     def take_rows(self, rows: np.ndarray) -> "BlockQuant":
         """The rows ``rows`` of this matrix (a GGUF tensor's rows in the order a graph matrix holds them)."""

@@ -295,8 +295,9 @@ class _Builder:
         v, k = table.shape
         nb = table.n_blocks
         nodes: list[onnx.NodeProto] = []
-        split = None if shared else (table.four_plus_one() or table.four_plus_two())
-        if split is None:
+        plane = None if shared else table.four_plus_one()
+        pair = None if shared or plane is not None else table.four_plus_two()
+        if plane is None and pair is None:
             data, scales2d = self.table_data(table_name, table, nodes)
             blocks = self._gather_blocks(table, data, scales2d, indices, base, nodes)
             if table.offsets is not None:
@@ -309,15 +310,17 @@ class _Builder:
                                               name=self._name(f"{base}_GatherOffsets")))
                 blocks = self._node("Add", [blocks, off], f"{base}_shifted", nodes)
         else:
-            low, high = split[0], split[1]
+            low = plane.low if plane is not None else pair[0]
             low_scales = self._scales(low, f"{base}_table_low", nodes)
             high_scales = self._node("Mul", [low_scales, self._init(np.asarray(16, np.float32), f"{base}_x16")],
                                      base, nodes)
             parts = [self._gather_blocks(low, self._init(low.packed(), f"{base}_table_low"), low_scales, indices,
                                          f"{base}_low", nodes)]
-            if len(split) == 3:  # a bit plane and its zero point
-                parts.append(self._gather_plane(high, split[2], low, high_scales, indices, f"{base}_high", nodes))
+            if plane is not None:
+                parts.append(self._gather_plane(plane.plane, plane.zero_point, low, high_scales, indices,
+                                                f"{base}_high", nodes))
             else:
+                high = pair[1]
                 parts.append(self._gather_blocks(high, self._init(high.packed(), f"{base}_table_high"), high_scales,
                                                  indices, f"{base}_high", nodes))
             blocks = self._node("Add", parts, base, nodes)
