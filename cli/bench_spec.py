@@ -89,6 +89,9 @@ def configurations(draft: Any, cut_draft: Any = None, spinning: tuple[Any, Any] 
     # token read costs the target ~0.2x a one-token step on this CPU, see the forward-pass line of the report)
     for n in (10, 5, 3):
         configs[f"prompt lookup, {n}"] = dict(prompt_lookup_num_tokens=n)
+    # the length adapting to how much of each draft the target accepts (edgelm honours the schedule for lookup)
+    configs["prompt lookup, heuristic from 10"] = dict(prompt_lookup_num_tokens=10,
+                                                       num_assistant_tokens_schedule="heuristic")
     return configs
 
 

@@ -237,7 +237,8 @@ def _candidates(lm: Any, assistant_model: Any, cfg: GenerationConfig) -> Any:
         return assisted.DraftModelCandidates(assistant_model, cfg)
     if cfg.prompt_lookup_num_tokens < 1:
         raise GenerationConfigError(f"prompt_lookup_num_tokens must be >= 1, got {cfg.prompt_lookup_num_tokens}")
-    return assisted.PromptLookupCandidates(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size, cfg.eos_ids)
+    return assisted.PromptLookupCandidates(cfg.prompt_lookup_num_tokens, cfg.max_matching_ngram_size, cfg.eos_ids,
+                                           cfg.num_assistant_tokens_schedule)
 
 
 def _finish(state: DecodeState, cfg: GenerationConfig) -> np.ndarray | GenerateOutput:

@@ -23,7 +23,8 @@ def test_any_draft_gives_greedy_output(arch, exported):
     drafts = [CausalLM.load(exported(f"tiny-{d}")) for d in ("gpt2", arch)]  # a poor draft and a perfect one
     for kw in [dict(assistant_model=drafts[0]), dict(assistant_model=drafts[1]),
                dict(assistant_model=drafts[0], num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic"),
-               dict(prompt_lookup_num_tokens=4), dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=3)]:
+               dict(prompt_lookup_num_tokens=4), dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=3),
+               dict(prompt_lookup_num_tokens=6, num_assistant_tokens_schedule="heuristic")]:
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, **kw), greedy)
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=eos, **kw), greedy_eos)
     # A random tiny model doubts all its tokens: without the confidence stop, a perfect draft is always right.
@@ -166,3 +167,24 @@ def test_prompt_lookup_drafts_from_the_place_being_copied():
     np.testing.assert_array_equal(draft, [1, 2, 3])
     draft, _ = lookup.get(seq, limit=2)
     np.testing.assert_array_equal(draft, [1, 2])
+
+
+def test_prompt_lookup_length_follows_the_heuristic_schedule():
+    """Under num_assistant_tokens_schedule="heuristic" the lookup drafts 2 more tokens after a draft accepted whole
+    and 1 fewer (at least 1) after a miss; a round without a match changes nothing; "constant" keeps the length."""
+    from edgelm.runtime.strategies.assisted import PromptLookupCandidates
+
+    seq = np.array(list(range(1, 21)) + [0] + list(range(1, 3)), np.int64)  # the tail "1 2" is followed by 3..20
+    lookup = PromptLookupCandidates(4, 2, eos=[], schedule="heuristic")
+    assert len(lookup.get(seq, limit=50)[0]) == 4
+    lookup.update(4, 4)
+    assert len(lookup.get(seq, limit=50)[0]) == 6
+    lookup.update(2, 6)
+    lookup.update(0, 0)
+    assert len(lookup.get(seq, limit=50)[0]) == 5
+    for _ in range(10):
+        lookup.update(0, 5)
+    assert len(lookup.get(seq, limit=50)[0]) == 1
+    constant = PromptLookupCandidates(4, 2, eos=[])
+    constant.update(4, 4)
+    assert len(constant.get(seq, limit=50)[0]) == 4

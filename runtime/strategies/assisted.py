@@ -33,13 +33,23 @@ class PromptLookupCandidates:
     n-gram recurs all over the input, and the longest agreement finds the place being copied rather than
     the first place the n-gram happens to occur. The output is the same either way (the target checks
     every drafted token); only how many are accepted changes.
+
+    With ``num_assistant_tokens_schedule="heuristic"`` the draft length adapts as transformers adapts a
+    draft model's (+2 after a draft accepted whole, -1 otherwise, at least 1), starting from
+    ``prompt_lookup_num_tokens``. transformers keeps prompt lookup's length fixed whatever the schedule;
+    edgelm honours it because on a CPU every drafted token lengthens the verify pass (a 1.5B target: 9
+    tokens cost 2.5x one), so long drafts that miss cost more than they save. The schedule only decides
+    how much is drafted, never what is output. Rounds without a match leave the length as it is: they
+    say nothing about how far a match would have held.
     """
 
     AGREEMENT = 64
     """How far back the agreement is counted: enough to tell apart the places one text repeats."""
 
-    def __init__(self, num_output_tokens: int, max_matching_ngram_size: int | None, eos: list[int]):
+    def __init__(self, num_output_tokens: int, max_matching_ngram_size: int | None, eos: list[int],
+                 schedule: str = "constant"):
         self.num_output_tokens = int(num_output_tokens)
+        self.schedule = schedule
         self.max_ngram = int(max_matching_ngram_size or 2)
         self.eos = eos
 
@@ -70,7 +80,8 @@ class PromptLookupCandidates:
         return np.cumprod(same, axis=1).sum(axis=1)
 
     def update(self, n_matches: int, n_candidates: int) -> None:
-        pass
+        if n_candidates:
+            self.num_output_tokens = _scheduled(self.schedule, self.num_output_tokens, n_matches, n_candidates)
 
 
 class DraftModelCandidates:
@@ -146,8 +157,15 @@ class DraftModelCandidates:
         return np.asarray(drafts, np.int64), (np.stack(draft_scores) if rng is not None else None)
 
     def update(self, n_matches: int, n_candidates: int) -> None:
-        if self.schedule in ("heuristic", "heuristic_transient"):
-            self.num_tokens = self.num_tokens + 2.0 if n_matches == n_candidates else max(1.0, self.num_tokens - 1.0)
+        self.num_tokens = _scheduled(self.schedule, self.num_tokens, n_matches, n_candidates)
+
+
+def _scheduled(schedule: str, length, n_matches: int, n_candidates: int):
+    """The next draft length under transformers' schedules (``heuristic``: +2 after a whole draft accepted, else -1,
+    at least 1; ``heuristic_transient`` is the same within one call, which is all a candidates object lives)."""
+    if schedule not in ("heuristic", "heuristic_transient"):
+        return length
+    return length + 2 if n_matches == n_candidates else max(type(length)(1), length - 1)
 
 
 def _probability(scores: np.ndarray, tok: int) -> float:
