@@ -2,7 +2,9 @@
 # Reruns the README's speculative-decoding table: Qwen2.5-Coder-1.5B-Instruct (target, its GGUF's own
 # blocks: `--quantize gguf`) with Qwen2.5-Coder-0.5B-Instruct as the draft (int4 from its GGUF), against
 # plain greedy on the same target; the same draft with its LM head cut to frequent tokens (`edgelm draft`);
-# the pair loaded with onnxruntime's default thread spinning (what stopping it gives); prompt lookup with 10 (transformers' default), 5 and 3 tokens. Both models come from PyPI wheels (edgelm models fetch).
+# the pair loaded with onnxruntime's default thread spinning (what stopping it gives); prompt lookup with
+# 10 (transformers' default), 5 and 3 tokens, and with the heuristic schedule from 10. Both
+# models come from PyPI wheels (edgelm models fetch).
 #
 #   benchmarks/speculative.sh [RUNS]     (default 3; results in bench-results/speculative.{md,json})
 #
