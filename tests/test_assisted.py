@@ -174,7 +174,7 @@ def test_prompt_lookup_length_follows_the_heuristic_schedule():
     and 1 fewer (at least 1) after a miss; a round without a match changes nothing; "constant" keeps the length."""
     from edgelm.runtime.strategies.assisted import PromptLookupCandidates
 
-    seq = np.array(list(range(1, 21)) + [0] + list(range(1, 3)), np.int64)  # the tail "1 2" is followed by 3..20
+    seq = np.array(list(range(1, 21)) + [0] + list(range(1, 9)), np.int64)  # the copy of 1..8 has held for 8 tokens
     lookup = PromptLookupCandidates(4, 2, eos=[], schedule="heuristic")
     assert len(lookup.get(seq, limit=50)[0]) == 4
     lookup.update(4, 4)
@@ -188,3 +188,19 @@ def test_prompt_lookup_length_follows_the_heuristic_schedule():
     constant = PromptLookupCandidates(4, 2, eos=[])
     constant.update(4, 4)
     assert len(constant.get(seq, limit=50)[0]) == 4
+
+
+def test_heuristic_prompt_lookup_drafts_no_further_than_the_match_has_held():
+    """Under the heuristic schedule a match is drafted for at most as many tokens as it has held (n-gram plus the
+    agreeing tokens before it), and not at all below MIN_HELD; the constant schedule drafts as transformers does."""
+    from edgelm.runtime.strategies.assisted import PromptLookupCandidates
+
+    held_5 = np.array([9, 1, 2, 3, 4, 5] + list(range(6, 30)) + [0, 7, 1, 2, 3, 4, 5], np.int64)
+    lookup = PromptLookupCandidates(10, 2, eos=[], schedule="heuristic")
+    assert lookup.get(held_5, limit=50)[0].tolist() == [6, 7, 8, 9, 10]  # "1 2 3 4 5" held, not the 9 or 7 before
+    chance = np.array([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 1, 2], np.int64)  # "1 2" recurs with nothing before agreeing
+    assert len(lookup.get(chance, limit=50)[0]) == 0
+    assert lookup.get(chance[:-1], limit=50)[0].size == 0  # a lone unigram match holds 1 token
+    constant = PromptLookupCandidates(10, 2, eos=[])
+    assert constant.get(held_5, limit=50)[0].tolist() == list(range(6, 16))
+    assert constant.get(chance, limit=50)[0].tolist() == [3, 4, 5, 6, 7, 8, 0, 9, 1, 2][:10]

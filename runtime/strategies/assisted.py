@@ -34,17 +34,26 @@ class PromptLookupCandidates:
     the first place the n-gram happens to occur. The output is the same either way (the target checks
     every drafted token); only how many are accepted changes.
 
-    With ``num_assistant_tokens_schedule="heuristic"`` the draft length adapts as transformers adapts a
-    draft model's (+2 after a draft accepted whole, -1 otherwise, at least 1), starting from
-    ``prompt_lookup_num_tokens``. transformers keeps prompt lookup's length fixed whatever the schedule;
-    edgelm honours it because on a CPU every drafted token lengthens the verify pass (a 1.5B target: 9
-    tokens cost 2.5x one), so long drafts that miss cost more than they save. The schedule only decides
-    how much is drafted, never what is output. Rounds without a match leave the length as it is: they
-    say nothing about how far a match would have held.
+    With ``num_assistant_tokens_schedule="heuristic"`` the draft length adapts. transformers keeps prompt
+    lookup's length fixed whatever the schedule; edgelm honours it because on a CPU every drafted token
+    lengthens the verify pass nearly as much as a decode step costs (a 1.5B 4-bit target: each drafted
+    token about 0.36 of a step), so a drafted token pays only if it is likely to be accepted. Two signals:
+    - how long the match has already held (the n-gram plus the agreeing tokens before it): a copy that
+      has held for h tokens is drafted for at most h more, and a match that has held for fewer than
+      ``MIN_HELD`` tokens (a bigram with nothing before it agreeing, which on code is mostly chance) is
+      not drafted at all, so that round is a plain decode step;
+    - the outcome of the last draft, as transformers adapts a draft model's length (+2 after a draft
+      accepted whole, -1 otherwise, at least 1, from ``prompt_lookup_num_tokens``); rounds without a
+      draft leave it as it is, since they say nothing about how far a match would have held.
+    The schedule only decides how much is drafted, never what is output.
     """
 
     AGREEMENT = 64
     """How far back the agreement is counted: enough to tell apart the places one text repeats."""
+    MIN_HELD = 3
+    """Under the heuristic schedule, the fewest tokens a match must have held to be drafted from. Chosen by
+    replaying greedy runs of the Qwen2.5-Coder-1.5B target against its measured verify costs
+    (benchmarks/speculative.sh's prompts): 2 drafts spurious bigram matches on code, 4-5 misses copies."""
 
     def __init__(self, num_output_tokens: int, max_matching_ngram_size: int | None, eos: list[int],
                  schedule: str = "constant"):
@@ -63,8 +72,16 @@ class PromptLookupCandidates:
             hits = hits[hits + size < n]  # something follows the match (the tail itself is left out)
             if not hits.size:
                 continue
-            start = int(hits[np.argmax(self._agreement(seq, hits, n - size))]) + size
-            chosen = seq[start:min(start + self.num_output_tokens, n)]
+            agreement = self._agreement(seq, hits, n - size)
+            best = int(np.argmax(agreement))
+            start = int(hits[best]) + size
+            length = self.num_output_tokens
+            if self.schedule in ("heuristic", "heuristic_transient"):
+                held = int(agreement[best]) + size
+                if held < self.MIN_HELD:
+                    return seq[:0], None
+                length = min(length, held)
+            chosen = seq[start:min(start + length, n)]
             stops = np.flatnonzero(np.isin(chosen, self.eos)) if self.eos else []
             if len(stops):
                 chosen = chosen[: stops[0]]
