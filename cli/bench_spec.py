@@ -86,7 +86,7 @@ def configurations(draft: Any, cut_draft: Any = None, spinning: tuple[Any, Any] 
         configs["draft, 8 tokens, workers spinning"] = {TARGET: target, "assistant_model": spin_draft,
                                                         "num_assistant_tokens": 8}
     # 10 is transformers' default; shorter drafts waste less of a verify pass when the match is wrong (each
-    # token read costs the target ~0.2x a one-token step on this CPU, see the forward-pass line of the report)
+    # token read costs the target 0.2-0.4x a one-token step, by host: see the forward-pass line of the report)
     for n in (10, 5, 3):
         configs[f"prompt lookup, {n}"] = dict(prompt_lookup_num_tokens=n)
     # the length adapting to how much of each draft the target accepts (edgelm honours the schedule for lookup)
