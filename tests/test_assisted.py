@@ -27,6 +27,13 @@ def test_any_draft_gives_greedy_output(arch, exported):
                dict(prompt_lookup_num_tokens=6, num_assistant_tokens_schedule="heuristic")]:
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, **kw), greedy)
         np.testing.assert_array_equal(lm.generate(PROMPT, max_new_tokens=30, eos_token_id=eos, **kw), greedy_eos)
+    # On PROMPT heuristic lookup mostly finds no match that has held 3 tokens; after a copy of the prompt it drafts
+    # (rejected on some architectures, accepted whole on others) and must still give greedy's output.
+    copy = np.concatenate([greedy[0], PROMPT[0]])[None]
+    looked_up = lm.generate(copy, max_new_tokens=30, eos_token_id=None, prompt_lookup_num_tokens=6,
+                            num_assistant_tokens_schedule="heuristic")
+    assert lm.last_assisted_stats["candidates"] >= 6  # the copy held 12 tokens: a whole first draft
+    np.testing.assert_array_equal(looked_up, lm.generate(copy, max_new_tokens=30, eos_token_id=None))
     # A random tiny model doubts all its tokens: without the confidence stop, a perfect draft is always right.
     lm.generate(PROMPT, max_new_tokens=30, eos_token_id=None, assistant_model=drafts[1], assistant_confidence_threshold=0)
     stats = lm.last_assisted_stats
