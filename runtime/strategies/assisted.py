@@ -52,8 +52,9 @@ class PromptLookupCandidates:
     """How far back the agreement is counted: enough to tell apart the places one text repeats."""
     MIN_HELD = 3
     """Under the heuristic schedule, the fewest tokens a match must have held to be drafted from. Chosen by
-    replaying greedy runs of the Qwen2.5-Coder-1.5B target against its measured verify costs
-    (benchmarks/speculative.sh's prompts): 2 drafts spurious bigram matches on code, 4-5 misses copies."""
+    replaying greedy runs of the Qwen2.5-Coder-1.5B target on benchmarks/speculative.sh's prompts against its
+    measured verify costs (a one-off script, not kept): 2 drafts chance bigram matches on code, 4-5 miss
+    copies; the benchmark then measured the pick (README, Speculative decoding)."""
 
     def __init__(self, num_output_tokens: int, max_matching_ngram_size: int | None, eos: list[int],
                  schedule: str = "constant"):
