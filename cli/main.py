@@ -227,6 +227,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-return-sequences", type=int, default=None, help="sequences to return per prompt")
     p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, help="prompt lookup decoding draft length")
     p.add_argument("--assistant-model", default=None, help="folder of a smaller exported model for assisted decoding")
+    p.add_argument("--num-assistant-tokens", type=int, default=None,
+                   help="tokens the assistant model drafts per round (transformers' default: 20)")
+    p.add_argument("--num-assistant-tokens-schedule", default=None, choices=["constant", "heuristic", "heuristic_transient"],
+                   help="how the draft length changes: 'heuristic' adapts it to what was accepted; with "
+                        "--prompt-lookup-num-tokens it also drafts a match no further than it has held, which is "
+                        "what makes prompt lookup pay on a CPU (README: Speculative decoding)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
@@ -250,7 +256,8 @@ def _add_generate(sub: Any) -> None:
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ["max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
              "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_beam_groups", "diversity_penalty",
-             "length_penalty", "penalty_alpha", "num_return_sequences", "prompt_lookup_num_tokens"]
+             "length_penalty", "penalty_alpha", "num_return_sequences", "prompt_lookup_num_tokens",
+             "num_assistant_tokens", "num_assistant_tokens_schedule"]
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.do_sample:
         kw["do_sample"] = True

@@ -48,6 +48,25 @@ def test_generate_says_when_it_writes_the_load_cache(exported, tmp_path):
     assert json.loads(first.stdout)["sequences"] == json.loads(again.stdout)["sequences"]
 
 
+def test_generate_passes_the_draft_schedule(exported):
+    """--num-assistant-tokens(-schedule) reach generate(): the run equals the API's with the same settings, and a
+    schedule transformers does not know is refused by the parser."""
+    from edgelm.cli.main import _generation_kwargs, build_parser
+
+    args = build_parser().parse_args(["generate", "m", "p", "--prompt-lookup-num-tokens", "6",
+                                      "--num-assistant-tokens", "4", "--num-assistant-tokens-schedule", "heuristic"])
+    kw = _generation_kwargs(args)
+    assert kw["num_assistant_tokens_schedule"] == "heuristic" and kw["num_assistant_tokens"] == 4
+    folder = exported("tiny-llama")
+    proc = _cli("generate", str(folder), "one two three one two three one two", "--max-new-tokens", "8", "--json",
+                "--prompt-lookup-num-tokens", "6", "--num-assistant-tokens-schedule", "heuristic")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["sequences"] == CausalLM.load(folder).generate(np.array([out["prompt_ids"]]), max_new_tokens=8).tolist()
+    bad = _cli("generate", str(folder), "hi", "--num-assistant-tokens-schedule", "fast")
+    assert bad.returncode == 2 and "invalid choice: 'fast'" in bad.stderr
+
+
 def test_generate_bad_settings_one_line(exported):
     proc = _cli("generate", str(exported("tiny-llama")), "hi", "--do-sample", "--temperature", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "temperature" in proc.stderr
