@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.runtime.errors import EdgeLMError, ProviderError
+from edgelm.runtime.modes import DRAFT_SCHEDULES
 
 EXPORT_EXTRA = "pip install 'edgelm[export]'"
 
@@ -229,7 +230,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assistant-model", default=None, help="folder of a smaller exported model for assisted decoding")
     p.add_argument("--num-assistant-tokens", type=int, default=None,
                    help="tokens the assistant model drafts per round (transformers' default: 20)")
-    p.add_argument("--num-assistant-tokens-schedule", default=None, choices=["constant", "heuristic", "heuristic_transient"],
+    p.add_argument("--num-assistant-tokens-schedule", default=None, choices=DRAFT_SCHEDULES,
                    help="how the draft length changes: 'heuristic' adapts it to what was accepted; with "
                         "--prompt-lookup-num-tokens it also drafts a match no further than it has held, which is "
                         "what makes prompt lookup pay on a CPU (README: Speculative decoding)")

@@ -12,6 +12,9 @@ from typing import Any
 
 from edgelm.runtime.errors import GenerationConfigError
 
+DRAFT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+"""transformers' values of num_assistant_tokens_schedule: the one list the checks, the CLI and the drafts read."""
+
 GREEDY = "greedy_search"
 SAMPLE = "sample"
 BEAM_SEARCH = "beam_search"
@@ -63,7 +66,7 @@ def check_rules(cfg: Any) -> None:
             isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0):
         err(f"temperature must be a strictly positive float with do_sample=True, got {cfg.temperature!r}; "
             "for greedy decoding set do_sample=False")
-    if cfg.num_assistant_tokens_schedule not in ("constant", "heuristic", "heuristic_transient"):
+    if cfg.num_assistant_tokens_schedule not in DRAFT_SCHEDULES:
         err("num_assistant_tokens_schedule must be 'constant', 'heuristic' or 'heuristic_transient', "
             f"got {cfg.num_assistant_tokens_schedule!r}")
     minor: list[str] = []

@@ -230,13 +230,13 @@ def test_assisted_stats_are_per_thread(exported):
     assert all(seen[n] is not None for n in range(4))
 
 
-@pytest.mark.real
 def _ctrl_c_as_in_a_terminal() -> None:
     """A test run started in the background of a non-interactive shell (`cmd &`) passes SIGINT down ignored, and
     Python then never raises KeyboardInterrupt; the CLI in a terminal has it at its default, which is what is tested."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.real
 def test_ctrl_c_during_generate_keeps_the_text(exported):
     folder = exported("smollm2-135m-instruct")
     proc = subprocess.Popen([*CLI, "generate", str(folder), "Write a very long story about a lighthouse.", "--chat",

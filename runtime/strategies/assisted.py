@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 
 from edgelm.runtime.errors import GenerationConfigError
+from edgelm.runtime.modes import DRAFT_SCHEDULES
 from edgelm.runtime.processors import LogitsProcessorList, softmax
 from edgelm.runtime.state import DecodeState
 from edgelm.runtime.stopping import StoppingCriteriaList
 from edgelm.runtime.strategies.sampling import sample_token
+
+ADAPTIVE_SCHEDULES = tuple(s for s in DRAFT_SCHEDULES if s != "constant")
+"""The schedules under which a draft's length adapts (``heuristic_transient`` equals ``heuristic`` within one call,
+which is all a candidates object lives)."""
 
 
 class PromptLookupCandidates:
@@ -77,7 +82,7 @@ class PromptLookupCandidates:
             best = int(np.argmax(agreement))
             start = int(hits[best]) + size
             length = self.num_output_tokens
-            if self.schedule in ("heuristic", "heuristic_transient"):
+            if self.schedule in ADAPTIVE_SCHEDULES:
                 held = int(agreement[best]) + size
                 if held < self.MIN_HELD:
                     return seq[:0], None
@@ -179,9 +184,9 @@ class DraftModelCandidates:
 
 
 def _scheduled(schedule: str, length, n_matches: int, n_candidates: int):
-    """The next draft length under transformers' schedules (``heuristic``: +2 after a whole draft accepted, else -1,
-    at least 1; ``heuristic_transient`` is the same within one call, which is all a candidates object lives)."""
-    if schedule not in ("heuristic", "heuristic_transient"):
+    """The next draft length under transformers' schedules (adaptive ones: +2 after a whole draft accepted, else -1,
+    at least 1)."""
+    if schedule not in ADAPTIVE_SCHEDULES:
         return length
     return length + 2 if n_matches == n_candidates else max(type(length)(1), length - 1)
 
