@@ -5,7 +5,8 @@
 TIMING ONLY: each variant is EXPORT's graph with one difference from genai's graph taken out by surgery
 (``nozp``: MatMulNBits/GatherBlockQuantized without their zero points; ``nobias``: GroupQueryAttention
 without the attention-mask bias; ``unfuse``: the fused gate+up product and its Split as two products),
-so its outputs are wrong and it is never shipped. Each variant then takes turns with EXPORT in one
+never shipped: without zero points the logits are wrong (the others gave the same logits as EXPORT for
+one unpadded row, checked when this script was written). Each variant then takes turns with EXPORT in one
 process (``bench_graph.interleaved_ratios``, the same driver for both) and the script prints the
 median ratio of step times, variant / EXPORT: below 1, removing that difference makes a step cheaper.
 """
@@ -24,64 +25,73 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgelm.cli.bench_graph import interleaved_ratios
+from edgelm.export import onnx_files
+from edgelm.export.graph import prune_unused
+from edgelm.export.quant.rewrite import MS, node_attr
 
 VARIANTS = ("nozp", "nobias", "unfuse", "nozp,nobias,unfuse")
 
 
-def make_variant(src: Path, dst: Path, what: set[str]) -> Path:
-    """Write DST: SRC's graph with the named differences from genai's graph removed (timing only)."""
-    m = onnx.load(str(src / "model.onnx"))
-    g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    def arr(n): return numpy_helper.to_array(inits[n])
-    def add_init(a, name):
-        t = numpy_helper.from_array(a, name); g.initializer.append(t); inits[name] = t
-    if "nozp" in what:
-        for n in g.node:
-            if n.op_type == "MatMulNBits" and len(n.input) > 3: del n.input[3:]
-            if n.op_type == "GatherBlockQuantized" and len(n.input) > 3: del n.input[3:]
-    if "nobias" in what:
-        for n in g.node:
-            if n.op_type == "GroupQueryAttention" and len(n.input) > 10: del n.input[10:]
-    if "unfuse" in what:
-        prod = {o: n for n in g.node for o in n.output}
-        new = []
-        for n in list(g.node):
-            if n.op_type != "Split": continue
-            mm = prod[n.input[0]]
-            if mm.op_type != "MatMulNBits": continue
-            N = [a.i for a in mm.attribute if a.name == "N"][0]; half = N // 2
-            cast = prod[mm.input[2]]
-            B, S = arr(mm.input[1]), arr(cast.input[0]); Z = arr(mm.input[3]) if len(mm.input) > 3 else None
-            for j, out in enumerate(n.output):
-                sl = slice(j * half, (j + 1) * half); base = f"{mm.name}_part{j}"
-                add_init(np.ascontiguousarray(B[sl]), base + "_B"); add_init(np.ascontiguousarray(S[sl]), base + "_S16")
-                Z is not None and add_init(np.ascontiguousarray(Z[sl]), base + "_Z")
-                new.append(helper.make_node("Cast", [base + "_S16"], [base + "_S"], to=1, name=base + "_cast"))
-                attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute}; attrs["N"] = half
-                new.append(helper.make_node("MatMulNBits", [mm.input[0], base + "_B", base + "_S"] + ([base + "_Z"] if Z is not None else []), [out],
-                                            domain="com.microsoft", name=base, **attrs))
-            g.node.remove(n); g.node.remove(mm); g.node.remove(cast)
-        g.node.extend(new)
-        # topological order
-        ready = {i.name for i in g.input} | set(inits) | {""}
-        order, pending = [], list(g.node)
-        while pending:
-            rest = []
-            for n in pending:
-                (order.append(n), ready.update(n.output)) if all(i in ready for i in n.input) else rest.append(n)
-            assert len(rest) < len(pending); pending = rest
-        del g.node[:]; g.node.extend(order)
-    # prune dead nodes and initializers
-    need = {o.name for o in g.output}; keep = []
-    for n in reversed(list(g.node)):
-        if any(o in need for o in n.output): keep.append(n); need.update(n.input)
-    del g.node[:]; g.node.extend(reversed(keep))
-    live = [i for i in g.initializer if i.name in need]; del g.initializer[:]; g.initializer.extend(live)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if not f.name.startswith("model.onnx"): shutil.copy(f, dst / f.name)
-    onnx.save(m, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+def _drop_zero_points(g: onnx.GraphProto) -> None:
+    """genai's int4 is symmetric: its products read no zero points."""
+    for n in g.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            del n.input[3:]
+
+
+def _drop_attention_bias(g: onnx.GraphProto) -> None:
+    """genai's attention takes no mask bias (padding is ours to support, one unpadded row does not need it)."""
+    for n in g.node:
+        if n.op_type == "GroupQueryAttention":
+            del n.input[10:]
+
+
+def _unfuse_gate_up(g: onnx.GraphProto) -> None:
+    """Each MatMulNBits + Split pair becomes two MatMulNBits over the halves of its rows, put where the pair
+    was (its inputs are defined before it, the Split's readers come after), so the order stays valid."""
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    fused = {n.name: producer[n.input[0]] for n in g.node
+             if n.op_type == "Split" and getattr(producer.get(n.input[0]), "op_type", "") == "MatMulNBits"}
+    skip = {mm.name for mm in fused.values()}
+    nodes = []
+    for n in g.node:
+        if n.name not in fused:
+            if n.name not in skip:
+                nodes.append(n)
+            continue
+        mm = fused[n.name]
+        half = node_attr(mm, "N", 0) // 2
+        parts = []
+        for name in mm.input[1:]:  # codes, scales (float32 or cast from float16), zero points
+            cast = producer.get(name)
+            parts.append((onnx_files.array(inits[cast.input[0] if cast else name]), cast is not None))
+        attrs = {a.name: helper.get_attribute_value(a) for a in mm.attribute} | {"N": half}
+        for j, out in enumerate(n.output):
+            base, ins = f"{mm.name}_part{j}", [mm.input[0]]
+            for k, (values, cast) in enumerate(parts):
+                name = f"{base}_in{k}"
+                g.initializer.append(numpy_helper.from_array(
+                    np.ascontiguousarray(values[j * half:(j + 1) * half]), name + ("_f16" if cast else "")))
+                if cast:
+                    nodes.append(helper.make_node("Cast", [name + "_f16"], [name], to=onnx.TensorProto.FLOAT))
+                ins.append(name)
+            nodes.append(helper.make_node("MatMulNBits", ins, [out], domain=MS, name=base, **attrs))
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+SURGERIES = {"nozp": _drop_zero_points, "nobias": _drop_attention_bias, "unfuse": _unfuse_gate_up}
+
+
+def make_variant(src: Path, dst: Path, what: list[str]) -> Path:
+    """Write DST: SRC's export with the named differences from genai's graph removed (timing only)."""
+    model = onnx_files.load_graph(src / "model.onnx")
+    for name in what:
+        SURGERIES[name](model.graph)
+    prune_unused(model.graph)  # what only the removed inputs read (the mask chain, old weights)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx*"))
+    onnx_files.save(model, dst / "model.onnx")
     return dst / "model.onnx"
 
 
@@ -92,16 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("export", type=Path, help="an edgelm int4 export folder")
     ap.add_argument("anchor", nargs="?", type=Path, help="also time this graph (genai's model.onnx) against EXPORT")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved measurements per variant (default 3)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads, the same for every graph (default 2)")
     args = ap.parse_args(argv)
     if not (args.export / "model.onnx").is_file():
         ap.error(f"{args.export} holds no model.onnx: pass an edgelm export folder")
     base = args.export / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="graph_ab_") as tmp:
-        graphs = [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), set(v.split(",")))) for v in VARIANTS]
+        graphs = [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in VARIANTS]
         if args.anchor:
             graphs.append(("anchor", args.anchor))
-        print("| variant | step time / edgelm's, medians of interleaved rounds |\n|---|---|")
+        print(f"| variant ({args.threads} intra-op threads each) | step time / edgelm's, medians of interleaved rounds |\n|---|---|")
         for name, path in graphs:
             print(f"progress: {name}", file=sys.stderr, flush=True)
             rs = [statistics.median(interleaved_ratios(base, path, args.threads, 64)["ratios"])

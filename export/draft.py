@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgelm.export import onnx_files
+from edgelm.export.graph import prune_unused
 from edgelm.export.quant.rewrite import MS, node_attr
 from edgelm.models.cache import atomic_dir
 from edgelm.runtime.errors import ExportError
@@ -136,24 +137,8 @@ def cut_head(model: onnx.ModelProto, ids: np.ndarray, vocab: int) -> str:
             if len(dims):
                 dims[len(dims) - 1].ClearField("dim_param")
                 dims[len(dims) - 1].dim_value = len(ids)
-    _prune(graph)
+    prune_unused(graph)
     return kind
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop nodes and initializers nothing reads any more (the source head's weights, unless shared)."""
-    needed = {o.name for o in graph.output}
-    alive = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            alive.append(node)
-            needed.update(node.input)
-    alive.reverse()
-    del graph.node[:]
-    graph.node.extend(alive)
-    keep = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite: bool = False,

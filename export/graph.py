@@ -186,3 +186,20 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return sum(1 for v in replaced.values() if v is None)
+
+
+def prune_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes and initializers nothing reads any more, after an edit cut them off (a draft's source head,
+    a benchmark variant's removed inputs), so the saved file does not carry them."""
+    needed = {o.name for o in graph.output}
+    alive = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            alive.append(node)
+            needed.update(node.input)
+    alive.reverse()
+    del graph.node[:]
+    graph.node.extend(alive)
+    keep = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
