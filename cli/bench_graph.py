@@ -73,11 +73,13 @@ class _Graph:
         opts.log_severity_level = 3
         if spin_stop:
             opts.add_session_config_entry("session.force_spinning_stop", "1")
+        self.profile_dir = None
         if profile:
             import tempfile
 
+            self.profile_dir = Path(tempfile.mkdtemp(prefix="bench_graph_"))
             opts.enable_profiling = True
-            opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench_graph_")) / "profile")
+            opts.profile_file_prefix = str(self.profile_dir / "profile")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         pasts = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -132,12 +134,16 @@ def step_times(path: Path, threads: int, prompt: int, steps: int, profile: bool 
     """Per-step seconds of one graph, in this process; with ``profile``, onnxruntime's per-operator kernel
     times instead (the profiler's own cost makes its step times no figure to compare)."""
     graph = _Graph(path, threads, prompt, prompt + WARMUP_STEPS + steps + 1, profile)
-    for _ in range(WARMUP_STEPS):
-        graph.step()
-    times = [graph.step() for _ in range(steps)]
-    written = graph.cache_written()
-    if profile:
-        return {"operators": _operator_times(Path(graph.session.end_profiling())), "cache_written": written}
+    try:
+        for _ in range(WARMUP_STEPS):
+            graph.step()
+        times = [graph.step() for _ in range(steps)]
+        written = graph.cache_written()
+        if profile:
+            return {"operators": _operator_times(Path(graph.session.end_profiling())), "cache_written": written}
+    finally:  # the profile's folder goes whether the steps finished or raised
+        if graph.profile_dir is not None:
+            shutil.rmtree(graph.profile_dir, ignore_errors=True)
     return {"median_s": statistics.median(times), "threads": graph.session.get_session_options().intra_op_num_threads,
             "cache": "shared buffer" if graph.shared else "concat", "cache_written": written}
 
@@ -172,9 +178,8 @@ def interleaved_ratios(ours: Path, theirs: Path, threads: int, prompt: int) -> d
 
 
 def _operator_times(trace: Path) -> dict[str, dict[str, float]]:
-    """Kernel time per step and node count per operator type, from an onnxruntime profile (then deleted)."""
+    """Kernel time per step and node count per operator type, from an onnxruntime profile."""
     events = json.loads(trace.read_text())
-    shutil.rmtree(trace.parent, ignore_errors=True)
     runs = sum(1 for e in events if e.get("name") == "model_run")
     total: dict[str, float] = {}
     calls: dict[str, int] = {}

@@ -202,12 +202,19 @@ def test_graph_bench_times_each_graph_with_its_cache_written(exported, tmp_path,
     assert there in text
 
 
-def test_graph_bench_profile_counts_each_operator_per_step(exported, tmp_path, capsys):
+def test_graph_bench_profile_counts_each_operator_per_step(exported, tmp_path, capsys, monkeypatch):
     """--profile reads onnxruntime's profiler back per operator type: per step, the fused tiny-llama graph runs one
-    GroupQueryAttention per layer, and the profile file is not left behind."""
+    GroupQueryAttention per layer, and the profile file is not left behind. The temporary folder is this test's
+    own (in this process and the fresh ones main() starts): other runs' leftovers in the machine's /tmp are not
+    this run's doing."""
     import onnx
 
     from edgelm.cli import bench_graph
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     fused = exported("tiny-llama")
     graph = onnx.load(str(fused / "model.onnx"), load_external_data=False).graph
@@ -220,7 +227,7 @@ def test_graph_bench_profile_counts_each_operator_per_step(exported, tmp_path, c
                              "--out", str(out)]) == 0
     assert json.loads(out.read_text())["operators"][str(fused / "model.onnx")]["GroupQueryAttention"]["nodes"] == layers
     assert "| GroupQueryAttention | " in capsys.readouterr().out
-    assert not list(Path(tempfile.gettempdir()).glob("bench_graph_*/profile*"))
+    assert not list(scratch.glob("bench_graph_*"))
 
 
 def test_graph_bench_interleaved_pairs_both_graphs_in_one_process(exported, tmp_path, capsys, monkeypatch):
