@@ -8,10 +8,11 @@ between this table and ``edgelm bench``'s says how much each runtime adds around
 
 Each round runs every graph in a fresh process, one after the other (no idle thread pool of one
 graph spinning beside another's); the figure is the median over rounds of each round's median step.
-``--interleaved`` adds a finer comparison of each pair: both graphs in one process, taking turns.
+``--interleaved`` adds a finer comparison of each pair: both graphs in one process, taking turns;
+``--control`` adds each anchor against itself, the noise floor of that comparison.
 
     python -m edgelm.cli.bench_graph GRAPH [GRAPH ...] [--runs 5] [--threads 2] [--prompt 64] [--steps 128]
-        [--pairs [--interleaved]] [--profile] [--out FILE]
+        [--pairs [--interleaved [--control]]] [--profile] [--out FILE]
 
 A GRAPH is an export folder (``model.onnx`` inside, an edgelm export or a genai build), an ``.onnx``
 file, or ``genai:PRECISION`` (fp32, int8, int4) for the build ``edgelm bench --anchors`` made of
@@ -245,18 +246,33 @@ def _one(path: Path, threads: int, prompt: int, steps: int, profile: bool = Fals
     return res
 
 
+def _pair_process(first: Path, second: Path, threads: int, prompt: int) -> list[float]:
+    """``interleaved_ratios`` in a fresh process: second's step time over first's, per round."""
+    cmd = [sys.executable, __file__, "--pair-one", str(first), str(second), str(threads), str(prompt)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_graph: {first} against {second} failed: "
+                         f"{(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["ratios"]
+
+
 def interleaved(pairs: list[tuple[Path, Path]], runs: int, threads: int, prompt: int) -> list[dict]:
-    """``interleaved_ratios`` for each (graph, anchor) pair, in ``runs`` fresh processes each; all rounds pooled."""
+    """``interleaved_ratios`` for each (graph, anchor) pair, in ``runs`` fresh processes each; all rounds pooled.
+
+    The two graphs swap places from one process to the next (odd processes load the anchor first, and
+    their ratios are inverted), so that neither place favours one graph: the version before this one
+    always loaded ours first and read the same two int4 graphs 4% apart one way, then 4% apart the
+    other way when the pair was given in the other order. A pair (G, G), ``--control``, reads what the
+    method sees where there is no difference to find: its spread is the noise floor of the other rows.
+    """
     out = []
     for ours, theirs in pairs:
         ratios: list[float] = []
-        for _ in range(runs):
-            cmd = [sys.executable, __file__, "--pair-one", str(ours), str(theirs), str(threads), str(prompt)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"bench_graph: {ours} against {theirs} failed: "
-                                 f"{(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
-            ratios += json.loads(proc.stdout.strip().splitlines()[-1])["ratios"]
+        for run in range(runs):
+            if run % 2 == 0:
+                ratios += _pair_process(ours, theirs, threads, prompt)
+            else:
+                ratios += [1.0 / r for r in _pair_process(theirs, ours, threads, prompt)]
         q1, q2, q3 = statistics.quantiles(ratios, n=4)
         out.append({"graph": str(ours), "against": str(theirs), "rounds": len(ratios),
                     "ratio": {"median": statistics.median(ratios), "q1": q1, "q3": q3}})
@@ -288,11 +304,14 @@ def markdown(res: dict) -> str:
         rows = res["interleaved"]
         lines += ["", f"The same pairs in one process, taking turns in blocks of {INTERLEAVED_BLOCK} steps "
                   f"({rows[0]['rounds']} rounds over {res['runs']} processes, both sessions stopping their threads' "
-                  "spinning after each run): each round's tokens/s ratio, median (interquartile range)", "",
+                  "spinning after each run, the two graphs swapping load order from one process to the next): each "
+                  "round's tokens/s ratio, median (interquartile range); a graph against itself is the control, "
+                  "what the method reads where there is no difference", "",
                   "| graph | against | tokens/s, graph / against, in one process |", "|---|---|---|"]
         for row in rows:
             r = row["ratio"]
-            lines.append(f"| {row['graph']} | {row['against']} | {r['median']:.3f}x ({r['q1']:.3f}-{r['q3']:.3f}) |")
+            against = row["against"] + (" (control)" if row["against"] == row["graph"] else "")
+            lines.append(f"| {row['graph']} | {against} | {r['median']:.3f}x ({r['q1']:.3f}-{r['q3']:.3f}) |")
     if res.get("operators"):
         graphs = list(res["operators"])
         ops = sorted({op for g in graphs for op in res["operators"][g]},
@@ -336,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interleaved", action="store_true",
                    help="with --pairs: also run each pair in one process, taking turns, and print each round's "
                         "ratio (a few percent between two graphs is lost in the drift between fresh processes)")
+    p.add_argument("--control", action="store_true",
+                   help="with --interleaved: also run each anchor against itself, the noise floor of the ratios "
+                        "(a row whose ratio is within the control's spread of 1 shows no difference)")
     p.add_argument("--profile", action="store_true",
                    help="also run each graph once more under onnxruntime's profiler and print its kernel time per "
                         "operator type (where a step's time goes)")
@@ -349,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     named = [resolve(g, args.checkpoint) for g in args.graphs]
     if args.interleaved and not args.pairs:
         p.error("--interleaved compares pairs: give --pairs and the graphs as (graph, anchor) pairs")
+    if args.control and not args.interleaved:
+        p.error("--control is a pair of one graph with itself in one process: give it with --pairs --interleaved")
     if args.pairs and len(named) % 2:
         p.error(f"--pairs needs an even number of graphs (graph, anchor, graph, anchor, ...), got {len(named)}")
     paths = list(dict.fromkeys(named))  # a graph named twice runs once
@@ -356,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs:
         res["pairs"] = [[str(named[i]), str(named[i + 1])] for i in range(0, len(named), 2)]
         if args.interleaved:
-            res["interleaved"] = interleaved([(named[i], named[i + 1]) for i in range(0, len(named), 2)], args.runs,
-                                             args.threads, args.prompt)
+            pairs = [(named[i], named[i + 1]) for i in range(0, len(named), 2)]
+            if args.control:
+                pairs += [(a, a) for a in dict.fromkeys(theirs for _, theirs in pairs)]
+            res["interleaved"] = interleaved(pairs, args.runs, args.threads, args.prompt)
     if args.profile:
         res["operators"] = operator_profiles(paths, args.threads, args.prompt, args.steps)
     print(markdown(res))

@@ -243,6 +243,12 @@ def test_graph_bench_interleaved_pairs_both_graphs_in_one_process(exported, tmp_
     assert row["rounds"] == 2 * bench_graph.INTERLEAVED_ROUNDS
     assert 0 < row["ratio"]["q1"] <= row["ratio"]["median"] <= row["ratio"]["q3"]
     assert f"| {fused / 'model.onnx'} | {plain / 'model.onnx'} | {row['ratio']['median']:.3f}x (" in capsys.readouterr().out
+    assert bench_graph.main(["--pairs", str(fused), str(plain), "--interleaved", "--control", "--runs", "2",
+                             "--steps", "4", "--prompt", "3", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["interleaved"]
+    assert [(r["graph"], r["against"]) for r in rows] == [(str(fused / "model.onnx"), str(plain / "model.onnx")),
+                                                         (str(plain / "model.onnx"), str(plain / "model.onnx"))]
+    assert f"| {plain / 'model.onnx'} | {plain / 'model.onnx'} (control) | " in capsys.readouterr().out
 
     class Fixed:  # a graph whose steps take a known time: the ratio's direction, without timing anything
         def __init__(self, path, *a, **k):
@@ -256,6 +262,20 @@ def test_graph_bench_interleaved_pairs_both_graphs_in_one_process(exported, tmp_
 
     monkeypatch.setattr(bench_graph, "_Graph", Fixed)
     assert set(bench_graph.interleaved_ratios(Path("slow"), Path("fast"), 1, 0)["ratios"]) == {0.5}
+
+    calls = []
+
+    def biased(first, second, threads, prompt):  # the graph loaded first runs 10% slow: a place effect
+        calls.append((first.name, second.name))
+        seconds = {"slow": 2.0, "fast": 1.0}
+        return [seconds[second.name] / (1.1 * seconds[first.name])] * 3
+
+    monkeypatch.setattr(bench_graph, "_pair_process", biased)
+    (row,) = bench_graph.interleaved([(Path("slow"), Path("fast"))], 4, 1, 0)
+    assert calls == [("slow", "fast"), ("fast", "slow")] * 2  # the places swap from one process to the next
+    assert row["rounds"] == 12 and row["ratio"]["q1"] == pytest.approx(0.5 / 1.1)
+    assert row["ratio"]["q3"] == pytest.approx(0.5 * 1.1)  # both places pooled: the effect shows as spread,
+    assert 0.5 / 1.1 < row["ratio"]["median"] < 0.5 * 1.1  # and the median sits between them, not at one end
     with pytest.raises(SystemExit):  # argparse's error: interleaving compares pairs
         bench_graph.main([str(fused), "--interleaved"])
 
@@ -270,3 +290,5 @@ def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"")
     with pytest.raises(SystemExit):  # argparse's error: an odd number of graphs cannot be paired
         bench_graph.main(["--pairs", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse's error: a control is an interleaved pair
+        bench_graph.main(["--pairs", str(tmp_path), str(tmp_path), "--control"])
