@@ -152,7 +152,7 @@ def export_model(
     folder beside ``output_dir`` and renamed at the end, so an error, a kill or a full disk
     leaves no half-written output.
 
-    ``quantize``: a scheme of ``edgelm.export.quant`` (``gguf``, ``int8``, ``int4``,
+    ``quantize``: a scheme of ``edgelm.export.quant`` (``gguf``, ``int8``, ``int4``, ``int4-sym``,
     ``int8-dynamic``), ``"auto"`` (``gguf`` for a GGUF source, else float32) or None/"none".
     The float32 graph is validated against PyTorch first; the quantized one is then measured
     against it (perplexity ratio on a built-in text, in the manifest), and ``max_quality_loss``
@@ -300,7 +300,7 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             quant_report = quant.quantize_file(float_dir / MODEL_FILE, tmp / MODEL_FILE, quantize, ctx)
             log(f"      {_weights_line(quant_report)}")
         mobile_report = None
-        needs_new_ort = bool(fused_op) or quantize in ("gguf", "int8", "int4")
+        needs_new_ort = bool(fused_op) or quantize in quant.BLOCK_SCHEMES
         if mobile:
             from edgelm.export.mobile import convert_to_ort
 
