@@ -1,21 +1,21 @@
 """What each difference between edgelm's int4 graph and onnxruntime-genai's costs in a decode step.
 
-    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX] [--repeats 3]
+    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX] [--repeats 4]
 
 TIMING ONLY: each variant is EXPORT's graph with one difference from genai's graph taken out by surgery
 (``nozp``: MatMulNBits/GatherBlockQuantized without their zero points; ``nobias``: GroupQueryAttention
 without the attention-mask bias; ``unfuse``: the fused gate+up product and its Split as two products),
 never shipped: without zero points the logits are wrong (the others gave the same logits as EXPORT for
 one unpadded row, checked when this script was written). Each variant then takes turns with EXPORT in one
-process (``bench_graph.interleaved_ratios``, the same driver for both) and the script prints the
-median ratio of step times, variant / EXPORT: below 1, removing that difference makes a step cheaper.
+process (``bench_graph.interleaved``, the same driver for both, the two swapping load order from one
+fresh process to the next), and the script prints the median ratio of step times, variant / EXPORT:
+below 1, removing that difference makes a step cheaper. The ``control`` row is EXPORT against itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelm.cli.bench_graph import interleaved_ratios
+from edgelm.cli.bench_graph import interleaved
 from edgelm.export import onnx_files
 from edgelm.export.graph import prune_unused
 from edgelm.export.quant.rewrite import MS, node_attr
@@ -101,22 +101,25 @@ def main(argv: list[str] | None = None) -> int:
                                         "~/.cache/edgelm/bench/genai-int4-*/model.onnx")
     ap.add_argument("export", type=Path, help="an edgelm int4 export folder")
     ap.add_argument("anchor", nargs="?", type=Path, help="also time this graph (genai's model.onnx) against EXPORT")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved measurements per variant (default 3)")
+    ap.add_argument("--repeats", type=int, default=4, help="fresh processes per variant, each taking turns with "
+                                                           "EXPORT (default 4: each load order twice)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads, the same for every graph (default 2)")
     args = ap.parse_args(argv)
     if not (args.export / "model.onnx").is_file():
         ap.error(f"{args.export} holds no model.onnx: pass an edgelm export folder")
     base = args.export / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="graph_ab_") as tmp:
-        graphs = [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in VARIANTS]
+        graphs = [("control", base)]
+        graphs += [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in VARIANTS]
         if args.anchor:
             graphs.append(("anchor", args.anchor))
-        print(f"| variant ({args.threads} intra-op threads each) | step time / edgelm's, medians of interleaved rounds |\n|---|---|")
+        print(f"| variant ({args.threads} intra-op threads each) | step time / edgelm's, median (interquartile range) "
+              f"of {args.repeats} processes' rounds |\n|---|---|")
         for name, path in graphs:
             print(f"progress: {name}", file=sys.stderr, flush=True)
-            rs = [statistics.median(interleaved_ratios(base, path, args.threads, 64)["ratios"])
-                  for _ in range(args.repeats)]
-            print(f"| {name} | {', '.join(f'{r:.3f}' for r in rs)} |", flush=True)
+            (row,) = interleaved([(base, path)], args.repeats, args.threads, 64)
+            r = row["ratio"]
+            print(f"| {name} | {r['median']:.3f} ({r['q1']:.3f}-{r['q3']:.3f}) |", flush=True)
     return 0
 
 
