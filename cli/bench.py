@@ -48,8 +48,7 @@ def _precision(manifest: Any) -> str:
     return (manifest.validation.get("quantization") or {}).get("scheme", "fp32")
 
 
-GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int8-dynamic": "int8", "int4": "int4", "int4-sym": "int4",
-                   "gguf": "int4"}
+GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int8-dynamic": "int8", "int4": "int4", "gguf": "int4"}
 """The onnxruntime-genai build each edgelm scheme is compared with (genai has no GGUF carry-over: its int4)."""
 
 

@@ -89,9 +89,8 @@ def _add_export(sub: Any) -> None:
                    help="weight quantization, applied after the float32 graph validated, then measured against it "
                         "(perplexity ratio on a built-in text, printed and kept in edgelm.json). gguf: the GGUF "
                         "source's own quantized blocks carried over exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K-Q6_K); "
-                        "int8: weight-only 8-bit blocks (near-lossless); int4: 4-bit blocks with searched scales and zero "
-                        "points (least loss at 4 bits); int4-sym: 4-bit blocks without zero points (smallest, decodes "
-                        "faster, loses a little more); int8-dynamic: MatMulInteger, for ONNX Runtime Mobile builds without MatMulNBits; "
+                        "int8: weight-only 8-bit blocks (near-lossless); int4: 4-bit blocks with searched scales "
+                        "(smallest); int8-dynamic: MatMulInteger, for ONNX Runtime Mobile builds without MatMulNBits; "
                         "none: float32; auto: gguf for a .gguf source, none for a checkpoint folder")
     p.add_argument("--max-quality-loss", type=float, default=None, metavar="FRACTION",
                    help="fail (writing nothing) if the quantized export's perplexity exceeds the float32 graph's "

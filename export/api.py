@@ -152,7 +152,7 @@ def export_model(
     folder beside ``output_dir`` and renamed at the end, so an error, a kill or a full disk
     leaves no half-written output.
 
-    ``quantize``: a scheme of ``edgelm.export.quant`` (``gguf``, ``int8``, ``int4``, ``int4-sym``,
+    ``quantize``: a scheme of ``edgelm.export.quant`` (``gguf``, ``int8``, ``int4``,
     ``int8-dynamic``), ``"auto"`` (``gguf`` for a GGUF source, else float32) or None/"none".
     The float32 graph is validated against PyTorch first; the quantized one is then measured
     against it (perplexity ratio on a built-in text, in the manifest), and ``max_quality_loss``

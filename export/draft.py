@@ -127,7 +127,7 @@ def cut_head(model: onnx.ModelProto, ids: np.ndarray, vocab: int) -> str:
         kind = f"{head.op_type}, float"
     else:
         raise ExportError(f"the LM head ends in a {head.op_type} node, which `edgelm draft` cannot cut; it cuts "
-                          "MatMulNBits and MatMul heads (exports with --quantize int4, int4-sym, int8 or none, and GGUF "
+                          "MatMulNBits and MatMul heads (exports with --quantize int4, int8 or none, and GGUF "
                           "heads without offsets such as Q8_0 and Q6_K)")
     del head.input[:]
     head.input.extend(new_inputs)

@@ -120,8 +120,7 @@ def test_static_export_options_are_checked(checkpoint, tmp_path):
     assert proc.returncode == 2 and "--max-length" in proc.stderr
 
 
-@pytest.mark.parametrize("scheme,op", [("int8", "MatMulNBits"), ("int4", "MatMulNBits"), ("int4-sym", "MatMulNBits"),
-                                       ("int8-dynamic", "MatMulInteger")])
+@pytest.mark.parametrize("scheme,op", [("int8", "MatMulNBits"), ("int4", "MatMulNBits"), ("int8-dynamic", "MatMulInteger")])
 def test_quantized_mobile_static_variant(scheme, op, exported):
     """Quantization, static shapes and --mobile combine into one folder whose .ort runs like its .onnx."""
     folder = exported("tiny-llama", quantize=scheme, mobile=True, static_max_length=48)

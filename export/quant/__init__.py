@@ -11,8 +11,6 @@ int8           weight-only 8-bit blocks of 32 (MatMulNBits) with integer zero po
 int4           weight-only 4-bit blocks of 32 with integer zero points
                (both: scale and zero point searched per block, then codes rounded by
                GPTQ, from calibration activations; see ``search`` and ``gptq``)
-int4-sym       the same without zero points (MatMulNBits' default 8, scales of either
-               sign): a little more loss, a faster kernel (module ``int4``)
 int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations), for
                ONNX Runtime Mobile builds without MatMulNBits
 =============  ==========================================================================
@@ -34,12 +32,11 @@ SCHEMES = {
     "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
     "int8": "weight-only 8-bit blocks of 32, embedding and LM head included, scales searched and codes rounded by GPTQ on calibration activations",
     "int4": "weight-only 4-bit blocks of 32, scales and zero points searched and codes rounded by GPTQ on calibration activations",
-    "int4-sym": "weight-only 4-bit blocks of 32 without zero points (a faster kernel), signed scales searched and codes rounded by GPTQ on calibration activations",
     "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
 }
 
 
-BLOCK_SCHEMES = ("gguf", "int8", "int4", "int4-sym")
+BLOCK_SCHEMES = ("gguf", "int8", "int4")
 """The schemes that write MatMulNBits / GatherBlockQuantized (contrib operators a runtime must know)."""
 
 
@@ -83,7 +80,7 @@ def _scheme(name: str, src: Path, ctx: Context):
 
         return GGUFScheme(ctx.gguf_file, log=ctx.log)
     from edgelm.export.quant import calibrate
-    from edgelm.export.quant.int4 import Int4Scheme, Int4SymmetricScheme
+    from edgelm.export.quant.int4 import Int4Scheme
     from edgelm.export.quant.int8 import Int8Scheme
 
     window = min(512, ctx.max_positions or 512)
@@ -94,7 +91,7 @@ def _scheme(name: str, src: Path, ctx: Context):
     else:
         ctx.log("      calibration: not run on this graph (static shapes or not a causal LM); the search weighs "
                 "every input alike")
-    return {"int8": Int8Scheme, "int4": Int4Scheme, "int4-sym": Int4SymmetricScheme}[name](acts)
+    return {"int8": Int8Scheme, "int4": Int4Scheme}[name](acts)
 
 
 def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:

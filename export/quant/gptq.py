@@ -73,10 +73,9 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(inverse.numpy()[::-1, ::-1])
 
 
-def quantize(w: np.ndarray, inputs: Inputs, bits: int, block: int, grid: np.ndarray,
-             shifts: tuple[float, ...] | None, source: str) -> BlockQuant:
-    """``w`` (N, K) -> ``bits``-bit blocks of ``block`` with integer zero points (none stored: ``shifts`` None,
-    symmetric), columns rounded by GPTQ."""
+def quantize(w: np.ndarray, inputs: Inputs, bits: int, block: int, grid: np.ndarray, shifts: tuple[float, ...],
+             source: str) -> BlockQuant:
+    """``w`` (N, K) -> ``bits``-bit blocks of ``block`` with integer zero points, columns rounded by GPTQ."""
     n, k = w.shape
     max_code = 2 ** bits - 1
     work = w.astype(np.float64).copy()
@@ -91,14 +90,14 @@ def quantize(w: np.ndarray, inputs: Inputs, bits: int, block: int, grid: np.ndar
                                        shifts)
         zeros[:, b], scales[:, b] = zero, scale
         step = scale.astype(np.float64)
-        safe = np.where(step != 0, step, 1.0)  # symmetric blocks may have negative scales
+        safe = np.where(step > 0, step, 1.0)
         errors = np.empty((n, block))
         for i, j in enumerate(range(lo, hi)):
             q = np.clip(np.rint(work[:, j] / safe) + zero, 0, max_code)
-            q = np.where(step != 0, q, zero)
+            q = np.where(step > 0, q, zero)
             codes[:, j] = q
             err = (work[:, j] - step * (q - zero)) / u[j, j]
             work[:, j + 1:hi] -= np.outer(err, u[j, j + 1:hi])
             errors[:, i] = err
         work[:, hi:] -= errors @ u[lo:hi, hi:]
-    return BlockQuant(codes, scales, bits, block, zero_points=None if shifts is None else zeros, source=source)
+    return BlockQuant(codes, scales, bits, block, zero_points=zeros, source=source)

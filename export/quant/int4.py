@@ -24,17 +24,3 @@ class Int4Scheme(SearchedScheme):
     """Zero points tried around the one the step implies."""
     source = "int4 (searched)"
     gptq = True
-
-
-class Int4SymmetricScheme(Int4Scheme):
-    """``int4`` without zero points: every block uses MatMulNBits' default zero point, so the kernel has no
-    zero points to read or apply; a decode step costs less (``benchmarks/run.sh`` measures how much, beside
-    ``int4``) and the loss grows: on SmolLM2 a perplexity ratio of 1.114 against ``int4``'s 1.090 on the
-    built-in text, 1.093 against 1.041 on the held-out one (``edgelm bench --reference``). Keeping zero points
-    on the embedding / LM head table alone changed nothing (1.1141); keeping them on the down projections
-    recovered a third of the difference (1.1064). Both were one-off exports while choosing, not schemes."""
-
-    name = "int4-sym"
-    shifts = None
-    source = "int4 symmetric (searched)"
-

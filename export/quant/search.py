@@ -10,12 +10,7 @@ weight that meets large inputs costs more. Scales are rounded to float16 inside 
 since that is what the file stores (``rewrite._float``).
 
 Zero points are integers (MatMulNBits' packed uint zero points), the form its kernels run at
-full speed; float zero points are exact but ~85x slower on CPUs. A ``symmetric`` scheme stores
-none at all: every block uses MatMulNBits' default zero point 2**(bits - 1), so its codes mean
--8..7 (4 bits), and the kernel skips the zero-point work (a decode step of SmolLM2's int4 graph
-took about 0.9x the time without them: ``benchmarks/graph_ab.py``). The scale may be negative,
-as llama.cpp's Q4_0 does, so that a block's largest-magnitude weight, whatever its sign, can take
-the extra code -8.
+full speed; float zero points are exact but ~85x slower on CPUs.
 """
 
 from __future__ import annotations
@@ -42,48 +37,9 @@ def _fit(x: np.ndarray, wt: np.ndarray, step: np.ndarray, lo: np.ndarray, max_co
     return q, zero, scale, err
 
 
-def _fit_symmetric(x: np.ndarray, wt: np.ndarray, step: np.ndarray, half: int):
-    """``_fit`` with the zero point fixed at ``half`` and a signed step."""
-    safe = np.where(step != 0, step, 1.0)
-    c = np.clip(np.rint(x / safe[:, None]), -half, half - 1)
-    num = (wt * x * c).sum(axis=1)
-    den = (wt * c * c).sum(axis=1)
-    scale = np.where(den > 0, num / np.where(den > 0, den, 1.0), step)
-    scale = scale.astype(np.float16).astype(np.float64)
-    err = (wt * (x - scale[:, None] * c) ** 2).sum(axis=1)
-    return c + half, scale, err
-
-
-def search_symmetric(x: np.ndarray, wt: np.ndarray, bits: int, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes uint8 (B, block), scales float32 (B,)) around the default zero point, smallest weighted error.
-
-    Each block's largest-magnitude weight m is tried at both ends of the codes' range, -2**(bits-1) (the
-    longer side: the scale takes m's opposite sign) and 2**(bits-1) - 1, with the step stretched by each
-    ``grid`` value; the least-squares scale for the codes so found is kept where it errs least.
-    """
-    half = 2 ** (bits - 1)
-    peak = x[np.arange(len(x)), np.abs(x).argmax(axis=1)]
-    best = None
-    for end in (-half, half - 1):
-        for delta in grid:
-            fit = _fit_symmetric(x, wt, peak / (end * (1 + delta)), half)
-            if best is None:
-                best = list(fit)
-                continue
-            better = fit[2] < best[2]
-            for i in range(3):
-                best[i][better] = fit[i][better]
-    q, s, _ = best
-    return q.astype(np.uint8), s.astype(np.float32)
-
-
 def search_blocks(x: np.ndarray, wt: np.ndarray, bits: int, grid: np.ndarray,
-                  shifts: tuple[float, ...] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes uint8 (B, block), zero points uint8 (B,), scales float32 (B,)) with the smallest weighted error;
-    ``shifts`` None: symmetric, every zero point the default 2**(bits - 1)."""
-    if shifts is None:
-        q, s = search_symmetric(x, wt, bits, grid)
-        return q, np.full(len(x), 2 ** (bits - 1), np.uint8), s
+                  shifts: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 (B, block), zero points uint8 (B,), scales float32 (B,)) with the smallest weighted error."""
     max_code = 2 ** bits - 1
     lo = np.minimum(x.min(axis=1), 0.0)
     hi = np.maximum(x.max(axis=1), 0.0)
@@ -104,9 +60,8 @@ def search_blocks(x: np.ndarray, wt: np.ndarray, bits: int, grid: np.ndarray,
 
 
 def quantize(w: np.ndarray, importance: np.ndarray | None, bits: int, block: int, grid: np.ndarray,
-             shifts: tuple[float, ...] | None, source: str) -> BlockQuant:
-    """``w`` (N, K) -> ``bits``-bit blocks of ``block`` with integer zero points (none stored: ``shifts`` None),
-    searched per block."""
+             shifts: tuple[float, ...], source: str) -> BlockQuant:
+    """``w`` (N, K) -> ``bits``-bit blocks of ``block`` with integer zero points, searched per block."""
     n, k = w.shape
     nb = k // block
     blocks = w.reshape(n * nb, block).astype(np.float64)
@@ -119,8 +74,8 @@ def quantize(w: np.ndarray, importance: np.ndarray | None, bits: int, block: int
         end = start + CHUNK_BLOCKS
         q[start:end], zero[start:end], scale[start:end] = search_blocks(blocks[start:end], imp[start:end], bits, grid,
                                                                         shifts)
-    return BlockQuant(q.reshape(n, k), scale.reshape(n, nb), bits, block,
-                      zero_points=None if shifts is None else zero.reshape(n, nb), source=source)
+    return BlockQuant(q.reshape(n, k), scale.reshape(n, nb), bits, block, zero_points=zero.reshape(n, nb),
+                      source=source)
 
 
 class SearchedScheme:
@@ -131,8 +86,7 @@ class SearchedScheme:
     bits = 4
     block = 32
     grid = np.zeros(1)
-    shifts: tuple[float, ...] | None = (0.0,)
-    """Zero points tried around the one the step implies; None: symmetric (``search_symmetric``)."""
+    shifts: tuple[float, ...] = (0.0,)
     source = ""
     gptq = False
 
