@@ -292,3 +292,42 @@ def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
         bench_graph.main(["--pairs", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse's error: a control is an interleaved pair
         bench_graph.main(["--pairs", str(tmp_path), str(tmp_path), "--control"])
+
+
+def test_graph_ab_variants_take_out_only_what_they_name(exported, tmp_path):
+    """benchmarks/graph_ab.py's surgeries: without zero points no quantized operator reads any; without the
+    attention bias, and with gate and up as two products, one unpadded row decodes the same tokens as the
+    export (those two are timing variants of the same model, so their figures compare like with like)."""
+    import importlib.util
+
+    import numpy as np
+    import onnx
+
+    from edgelm.runtime import CausalLM
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_ab.py"
+    spec = importlib.util.spec_from_file_location("graph_ab", path)
+    graph_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_ab)
+    src = exported("tiny-llama", quantize="int4")
+
+    def ops(model_path):
+        return onnx.load(str(model_path), load_external_data=False).graph.node
+
+    nozp = graph_ab.make_variant(src, tmp_path / "nozp", ["nozp"])
+    quantized = [n for n in ops(nozp) if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert quantized and all(len(n.input) <= 3 for n in quantized)
+    assert any(len(n.input) > 3 for n in ops(src / "model.onnx") if n.op_type == "MatMulNBits")
+
+    ids = [[5, 17, 42, 9, 33]]
+    want = CausalLM.load(src).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    for name in ("nobias", "unfuse"):
+        variant = graph_ab.make_variant(src, tmp_path / name, [name])
+        before = sum(n.op_type == "MatMulNBits" for n in ops(src / "model.onnx"))
+        after = sum(n.op_type == "MatMulNBits" for n in ops(variant))
+        assert (after > before) == (name == "unfuse")
+        biased = [len(n.input) > 10 for g in (src / "model.onnx", variant) for n in ops(g)
+                  if n.op_type == "GroupQueryAttention"]
+        assert biased[0] and (biased[-1] == (name != "nobias"))  # input 10: the attention bias
+        got = CausalLM.load(variant.parent).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+        np.testing.assert_array_equal(got, want)
