@@ -92,6 +92,19 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     np.testing.assert_allclose(u, textbook, rtol=1e-9, atol=1e-12)
 
 
+def test_int8_layers_take_blocks_of_64_and_the_table_blocks_of_32():
+    """int8's layer matrices are cut in blocks of 64 (half the scales and zero points to read per token) where
+    their input size allows, else 32; the embedding / LM head table keeps 32, where 64 cost most of the loss."""
+    from edgelm.export.quant.int8 import Int8Scheme
+
+    rng = np.random.default_rng(4)
+    scheme = Int8Scheme()
+    for k, role, block in ((128, "linear", 64), (96, "linear", 32), (128, "head", 32), (128, "embedding", 32)):
+        (part,) = scheme.matrix((rng.standard_normal((16, k)) * 0.02).astype(np.float32), role, f"w{k}{role}")
+        assert part.block == block and part.scales.shape == (16, k // block), (k, role)
+        assert part.zero_points is not None and part.bits == 8
+
+
 def test_calibration_reaches_every_weight_that_reads_an_activation(exported):
     """Gate and up projections read the same activation; both get its statistics (the second was once missed)."""
     from edgelm.export.quant import calibrate

@@ -7,7 +7,8 @@ gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K)
                over exactly: the weights computed with equal the GGUF's dequantized ones
                (an untied embedding table holds Q5_0 codes as 4 bits + a bit plane,
                its GGUF size, and Q6_K codes as 4 + 2 bits)
-int8           weight-only 8-bit blocks of 32 (MatMulNBits) with integer zero points
+int8           weight-only 8-bit blocks (MatMulNBits) with integer zero points, 64 in the
+               layers and 32 in the embedding / LM head
 int4           weight-only 4-bit blocks of 32 with integer zero points
                (both: scale and zero point searched per block, then codes rounded by
                GPTQ, from calibration activations; see ``search`` and ``gptq``)
@@ -30,7 +31,7 @@ from edgelm.runtime.errors import ExportError
 
 SCHEMES = {
     "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
-    "int8": "weight-only 8-bit blocks of 32, embedding and LM head included, scales searched and codes rounded by GPTQ on calibration activations",
+    "int8": "weight-only 8-bit blocks (64 in the layers, 32 in the embedding and LM head), scales searched and codes rounded by GPTQ on calibration activations",
     "int4": "weight-only 4-bit blocks of 32, scales and zero points searched and codes rounded by GPTQ on calibration activations",
     "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
 }

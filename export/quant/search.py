@@ -87,6 +87,8 @@ class SearchedScheme:
     block = 32
     grid = np.zeros(1)
     shifts: tuple[float, ...] = (0.0,)
+    linear_block: int | None = None
+    """Block size of the layers' matrices where it differs from ``block`` (which the embedding / LM head keeps)."""
     source = ""
     gptq = False
 
@@ -98,7 +100,9 @@ class SearchedScheme:
         """The last activation array GPTQ prepared and what it made of it (gate and up come one after the other)."""
 
     def matrix(self, w: np.ndarray, role: str, name: str) -> list[BlockQuant] | None:
-        if w.shape[1] % self.block:
+        block = self.linear_block if role == "linear" and self.linear_block and not w.shape[1] % self.linear_block \
+            else self.block
+        if w.shape[1] % block:
             return None
         x = self.activations.get(name)
         if x is not None and x.shape[1] != w.shape[1]:
@@ -111,7 +115,7 @@ class SearchedScheme:
 
             if self._prepared is None or self._prepared[0] is not x:
                 self._prepared = (x, gptq.Inputs(gptq.hessian(x)))
-            return [gptq.quantize(w, self._prepared[1], self.bits, self.block, self.grid, self.shifts,
+            return [gptq.quantize(w, self._prepared[1], self.bits, block, self.grid, self.shifts,
                                   self.source + " + GPTQ")]
         imp = None if x is None else (x.astype(np.float64) ** 2).mean(axis=0)
-        return [quantize(w, imp, self.bits, self.block, self.grid, self.shifts, self.source)]
+        return [quantize(w, imp, self.bits, block, self.grid, self.shifts, self.source)]
