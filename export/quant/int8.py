@@ -11,8 +11,8 @@ step reads every weight's byte plus its block's scale (float32 once loaded) and 
 64 reads about 5% fewer bytes, and onnxruntime's kernel does half the per-block work: SmolLM2's
 bare graph ran 1.09x faster than with 32 everywhere (``bench_graph --interleaved``, controls
 within 1.5% of 1) for a perplexity ratio of 1.0025 instead of 1.0010 (1.0033 held out;
-onnxruntime-genai's int8: 1.0034). The table at 64 too cost 1.0080 (an earlier one-off export): its rows are what the
-logits are made of, so it keeps 32.
+onnxruntime-genai's int8: 1.0034). The table at 64 too cost 1.0080 (an earlier one-off
+export): its rows are what the logits are made of, so it keeps 32.
 """
 
 from __future__ import annotations
