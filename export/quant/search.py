@@ -99,9 +99,14 @@ class SearchedScheme:
         self._prepared: tuple[np.ndarray, Any] | None = None
         """The last activation array GPTQ prepared and what it made of it (gate and up come one after the other)."""
 
+    def _block(self, k: int, role: str) -> int:
+        """The block for a matrix of ``k`` inputs: ``linear_block`` for a layer's matrix it divides, else ``block``."""
+        if role == "linear" and self.linear_block and k % self.linear_block == 0:
+            return self.linear_block
+        return self.block
+
     def matrix(self, w: np.ndarray, role: str, name: str) -> list[BlockQuant] | None:
-        block = self.linear_block if role == "linear" and self.linear_block and not w.shape[1] % self.linear_block \
-            else self.block
+        block = self._block(w.shape[1], role)
         if w.shape[1] % block:
             return None
         x = self.activations.get(name)
