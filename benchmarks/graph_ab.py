@@ -1,12 +1,13 @@
 """What each difference between edgelm's int4 graph and onnxruntime-genai's costs in a decode step.
 
-    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX] [--repeats 4]
+    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX] [--repeats 4] [--variants nooffsets]
 
 TIMING ONLY: each variant is EXPORT's graph with one difference from genai's graph taken out by surgery
 (``nozp``: MatMulNBits/GatherBlockQuantized without their zero points; ``nobias``: GroupQueryAttention
-without the attention-mask bias; ``unfuse``: the fused gate+up product and its Split as two products),
-never shipped: without zero points the logits are wrong (the others gave the same logits as EXPORT for
-one unpadded row, checked when this script was written). Each variant then takes turns with EXPORT in one
+without the attention-mask bias; ``unfuse``: the fused gate+up product and its Split as two products;
+``nooffsets``, for a ``gguf`` export of Q4_1 / Q4_K weights: the per-block offsets' operators), never
+shipped: without zero points or offsets the logits are wrong (the others gave the same logits as EXPORT
+for one unpadded row, checked when this script was written). Each variant then takes turns with EXPORT in one
 process (``bench_graph.interleaved``, the same driver for both, the two swapping load order from one
 fresh process to the next), and the script prints the median ratio of step times, variant / EXPORT:
 below 1, removing that difference makes a step cheaper. The ``control`` row is EXPORT against itself.
@@ -81,7 +82,29 @@ def _unfuse_gate_up(g: onnx.GraphProto) -> None:
     g.node.extend(nodes)
 
 
-SURGERIES = {"nozp": _drop_zero_points, "nobias": _drop_attention_bias, "unfuse": _unfuse_gate_up}
+def _drop_offsets(g: onnx.GraphProto) -> None:
+    """A ``gguf`` export of an affine format (Q4_1, Q4_K) adds to each product (per-block activation sums) x
+    (offsets), three operators per matrix (``export/quant/rewrite.py``); without them the graph is what the
+    same codes and scales cost alone: the most that any faster exact form of the offsets could win."""
+    producer = {o: n for n in g.node for o in n.output}
+
+    def kinds(n: onnx.NodeProto) -> list[str | None]:
+        return [getattr(producer.get(i), "op_type", None) for i in n.input]
+
+    outputs = {o.name for o in g.output}
+    take = {n.output[0]: n.input[0] for n in g.node
+            if n.op_type == "Add" and kinds(n) == ["MatMulNBits", "MatMul"] and n.output[0] not in outputs}
+    kept = [n for n in g.node if n.output[0] not in take]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            if name in take:
+                n.input[i] = take[name]
+    del g.node[:]
+    g.node.extend(kept)
+
+
+SURGERIES = {"nozp": _drop_zero_points, "nobias": _drop_attention_bias, "unfuse": _unfuse_gate_up,
+             "nooffsets": _drop_offsets}
 
 
 def make_variant(src: Path, dst: Path, what: list[str]) -> Path:
@@ -101,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
                                         "~/.cache/edgelm/bench/genai-int4-*/model.onnx")
     ap.add_argument("export", type=Path, help="an edgelm int4 export folder")
     ap.add_argument("anchor", nargs="?", type=Path, help="also time this graph (genai's model.onnx) against EXPORT")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="V",
+                    help=f"surgeries to time, each a comma-joined list of {', '.join(SURGERIES)} (default: "
+                         f"{' '.join(VARIANTS)}, the differences from genai's int4; nooffsets is for a gguf export)")
     ap.add_argument("--repeats", type=int, default=4, help="fresh processes per variant, each taking turns with "
                                                            "EXPORT (default 4: each load order twice)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads, the same for every graph (default 2)")
     args = ap.parse_args(argv)
     if not (args.export / "model.onnx").is_file():
         ap.error(f"{args.export} holds no model.onnx: pass an edgelm export folder")
+    unknown = sorted({s for v in args.variants for s in v.split(",")} - set(SURGERIES))
+    if unknown:
+        ap.error(f"unknown variant {', '.join(unknown)}: choose from {', '.join(SURGERIES)}")
     base = args.export / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="graph_ab_") as tmp:
         graphs = [("control", base)]
-        graphs += [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in VARIANTS]
+        graphs += [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in args.variants]
         if args.anchor:
             graphs.append(("anchor", args.anchor))
         print(f"| variant ({args.threads} intra-op threads each) | step time / edgelm's, median (interquartile range) "

@@ -331,3 +331,58 @@ def test_graph_ab_variants_take_out_only_what_they_name(exported, tmp_path):
         assert biased[0] and (biased[-1] == (name != "nobias"))  # input 10: the attention bias
         got = CausalLM.load(variant.parent).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
         np.testing.assert_array_equal(got, want)
+
+
+def test_graph_ab_nooffsets_takes_out_the_offsets_path_only():
+    """``nooffsets`` rewires each product's readers to the MatMulNBits output and drops the offsets' operators,
+    while an Add of a product and something else (a residual) stays, as does an offsets Add that is a graph
+    output (there is nothing to rewire it to)."""
+    import importlib.util
+
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelm.export.graph import prune_unused
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_ab.py"
+    spec = importlib.util.spec_from_file_location("graph_ab", path)
+    graph_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_ab)
+    rng = np.random.default_rng(0)
+    k, n = 32, 16
+    codes = rng.integers(0, 256, (n, 1, 16), dtype=np.uint8)  # 4-bit codes, one block of 32 per row
+    inits = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(np.full(n, 0.1, np.float32), "S"),
+             numpy_helper.from_array(np.ones((k, 1), np.float32), "J"),
+             numpy_helper.from_array(rng.standard_normal((1, n)).astype(np.float32), "M")]
+    nodes = []
+    for i in range(2):  # product i: MatMulNBits + block sums + offsets product + Add
+        nodes += [helper.make_node("MatMulNBits", ["x", "B", "S"], [f"main{i}"], domain="com.microsoft",
+                                   K=k, N=n, bits=4, block_size=32, accuracy_level=0),
+                  helper.make_node("MatMul", ["x", "J"], [f"sums{i}"]),
+                  helper.make_node("MatMul", [f"sums{i}", "M"], [f"off{i}"]),
+                  helper.make_node("Add", [f"main{i}", f"off{i}"], [f"y{i}"])]
+    nodes += [helper.make_node("Add", ["y0", "x16"], ["residual"]), helper.make_node("Relu", ["residual"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                                           helper.make_tensor_value_info("x16", TensorProto.FLOAT, [1, n])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("y1", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": rng.standard_normal((1, k)).astype(np.float32), "x16": rng.standard_normal((1, n)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    before = run(model)
+    graph_ab.SURGERIES["nooffsets"](model.graph)
+    prune_unused(model.graph)
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Add") == 2 and ops.count("MatMul") == 2, ops
+    after = run(model)
+    main0 = ort.InferenceSession(helper.make_model(helper.make_graph(
+        nodes[:1], "m", graph.input[:1], [helper.make_tensor_value_info("main0", TensorProto.FLOAT, None)], inits),
+        opset_imports=model.opset_import).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": feeds["x"]})[0]
+    np.testing.assert_allclose(after[0], np.maximum(main0 + feeds["x16"], 0), rtol=1e-6)
+    assert not np.allclose(after[0], before[0])  # the offsets mattered, and are gone
+    np.testing.assert_array_equal(after[1], before[1])  # the graph output's offsets path stays
