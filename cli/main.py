@@ -92,6 +92,12 @@ def _add_export(sub: Any) -> None:
                         "int8: weight-only 8-bit blocks (near-lossless); int4: 4-bit blocks with searched scales "
                         "(smallest); int8-dynamic: MatMulInteger, for ONNX Runtime Mobile builds without MatMulNBits; "
                         "none: float32; auto: gguf for a .gguf source, none for a checkpoint folder")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="with --quantize int8 or int4: the layers' block size (16, 32, 64, 128 or 256; default 64 for "
+                        "int8, 32 for int4), halved where a matrix's input size needs it; the embedding / LM head keeps "
+                        "32. Larger blocks read fewer scales per token (faster) and lose more: SmolLM2 int4 in "
+                        "blocks of 64 decodes about 1.11x faster than in 32, at a perplexity ratio of 1.15 "
+                        "instead of 1.09 (README, Quantization)")
     p.add_argument("--max-quality-loss", type=float, default=None, metavar="FRACTION",
                    help="fail (writing nothing) if the quantized export's perplexity exceeds the float32 graph's "
                         "by more than this fraction, e.g. 0.02 for 2%%")
@@ -129,6 +135,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         export_model(args.source, args.output_dir, task=args.task, overwrite=args.overwrite, opset=args.opset,
                      quantize=args.quantize, mobile=args.mobile, fuse=args.fuse, max_quality_loss=args.max_quality_loss,
+                     block_size=args.block_size,
                      tokenizer_options=parse_options(args.tokenizer_option),
                      static_max_length=args.max_length if args.static_shapes else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -145,6 +145,7 @@ def export_model(
     max_quality_loss: float | None = None,
     tokenizer_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    block_size: int | None = None,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
 
@@ -157,6 +158,9 @@ def export_model(
     The float32 graph is validated against PyTorch first; the quantized one is then measured
     against it (perplexity ratio on a built-in text, in the manifest), and ``max_quality_loss``
     (e.g. 0.02 for 2%) stops the export, writing nothing, when the ratio exceeds 1 + that.
+    ``block_size`` (``int8`` / ``int4``): the layers' block size instead of the scheme's own (64 / 32),
+    halved where a matrix's input size needs it; larger blocks read fewer scales per token and lose more
+    (README, Quantization, has SmolLM2's figures). The embedding / LM head table keeps 32.
 
     ``tokenizer_options``: keyword arguments for the tokenizer's ``from_pretrained`` (e.g.
     ``{"do_lower_case": False}``); the tokenizer is checked against transformers before anything else.
@@ -169,7 +173,7 @@ def export_model(
     """
     try:
         return _export(source, output_dir, task, overwrite, opset, resolve_quantize(quantize, source), mobile,
-                       static_max_length, fuse, max_quality_loss, tokenizer_options, log)
+                       static_max_length, fuse, max_quality_loss, tokenizer_options, log, block_size)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise ExportError(
@@ -181,13 +185,15 @@ def export_model(
 def _export(source: str | Path, output_dir: str | Path, task: str | None, overwrite: bool, opset: int,
             quantize: str | None, mobile: bool, static_max_length: int | None, fuse: bool | None,
             max_quality_loss: float | None, tokenizer_options: dict[str, Any] | None,
-            log: Callable[[str], None]) -> Manifest:
+            log: Callable[[str], None], block_size: int | None = None) -> Manifest:
     from edgelm.export import quant
     from edgelm.export.source import load_source
 
     output_dir = Path(output_dir)
+    if block_size is not None and not quantize:
+        raise ExportError("--block-size applies to a quantized export; add --quantize int8 or int4")
     if quantize:
-        quant.check(quantize, Path(source) if Path(source).suffix.lower() == ".gguf" else None)
+        quant.check(quantize, Path(source) if Path(source).suffix.lower() == ".gguf" else None, block_size)
     if max_quality_loss is not None:
         if not quantize:
             raise ExportError("--max-quality-loss applies to a quantized export; add --quantize")
@@ -285,8 +291,9 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         if quantize:
             from edgelm.export import graph
 
-            log(f"      quantizing weights ({quantize}: {quant.SCHEMES[quantize]}); the float32 graph above is what "
-                "was validated")
+            chosen = "" if block_size is None else f"; layers in blocks of {block_size} where their inputs allow"
+            log(f"      quantizing weights ({quantize}: {quant.SCHEMES[quantize]}{chosen}); the float32 graph above is "
+                "what was validated")
             float_dir.mkdir()
             for name in (MODEL_FILE, graph.EXTERNAL_DATA):
                 if (tmp / name).exists():
@@ -296,7 +303,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             calibration = src.tokenizer(builtin_text("calibration.txt"))["input_ids"]
             ctx = quant.Context(gguf_file=Path(source) if src.gguf_file else None, calibration_ids=list(calibration),
                                 vocab_size=vocab_size if src.task == "causal-lm" else None,
-                                max_positions=getattr(config, "max_position_embeddings", None), log=log)
+                                max_positions=getattr(config, "max_position_embeddings", None), block_size=block_size,
+                                log=log)
             quant_report = quant.quantize_file(float_dir / MODEL_FILE, tmp / MODEL_FILE, quantize, ctx)
             log(f"      {_weights_line(quant_report)}")
         mobile_report = None

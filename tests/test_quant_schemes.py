@@ -105,6 +105,61 @@ def test_int8_layers_take_blocks_of_64_and_the_table_blocks_of_32():
         assert part.zero_points is not None and part.bits == 8
 
 
+def test_a_chosen_block_size_is_halved_where_the_input_size_needs_it():
+    """--block-size sets the layers' block: 128 asked of a 576-input matrix gives 64 (SmolLM2's attention and
+    gate/up), 1536 inputs keep 128 (its down projections), and a size no block of 32 or more divides keeps the
+    scheme's own; the table (head / embedding roles) keeps 32 whatever is asked."""
+    from edgelm.export.quant.int4 import Int4Scheme
+
+    scheme = Int4Scheme()
+    assert scheme._block(576, "linear") == 32  # int4's own: blocks of 32 everywhere
+    scheme.linear_block = 128
+    for k, role, block in ((576, "linear", 64), (1536, "linear", 128), (96, "linear", 32), (160, "linear", 32),
+                           (1536, "head", 32), (1536, "embedding", 32)):
+        assert scheme._block(k, role) == block, (k, role)
+    scheme.linear_block = 16
+    assert scheme._block(48, "linear") == 16 and scheme._block(40, "linear") == 32
+
+
+def test_block_size_export_writes_those_blocks_and_records_them(exported):
+    """tiny-llama int4 with --block-size 128: its 64-input matrices take 64, its 128-input down projections 128,
+    the table 32; the manifest says what was chosen, the graph still decodes."""
+    folder = exported("tiny-llama", quantize="int4", block_size=128)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    blocks = set()
+    for n in model.graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            blocks.add((n.op_type, a.get("K"), a.get("N"), a["block_size"]))
+    layer = {(k, b) for op, k, nn, b in blocks if op == "MatMulNBits" and nn != 400}
+    assert layer == {(64, 64), (128, 128)}, blocks
+    assert {b for op, k, nn, b in blocks if op == "GatherBlockQuantized" or nn == 400} == {32}, blocks
+    man = json.loads((folder / "edgelm.json").read_text())
+    q = man["validation"]["quantization"]
+    assert q["block_size"] == {"layers": 128, "embedding_and_head": 32, "chosen": True}
+    assert "blocks of 128" in q["method"]
+    default = json.loads((exported("tiny-llama", quantize="int4") / "edgelm.json").read_text())
+    assert default["validation"]["quantization"]["block_size"] == {"layers": 32, "embedding_and_head": 32,
+                                                                   "chosen": False}
+    lm = CausalLM.load(folder)
+    assert lm.generate([[5, 17, 42]], max_new_tokens=4, eos_token_id=None).shape == (1, 7)
+
+
+@pytest.mark.parametrize("quantize, block, needle", [
+    ("none", 64, "applies to a quantized export"),
+    ("int8-dynamic", 64, "applies to --quantize int8 or int4"),
+    ("int4", 48, "takes 16, 32, 64, 128, 256"),
+    ("int4", 64.0, "takes 16, 32, 64, 128, 256"),
+])
+def test_block_size_refused_where_it_cannot_apply(quantize, block, needle, checkpoint, tmp_path):
+    from edgelm.export import export_model
+
+    with pytest.raises(ExportError, match=needle):
+        export_model(checkpoint("tiny-llama"), tmp_path / "out", quantize=quantize, block_size=block,
+                     log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_reaches_every_weight_that_reads_an_activation(exported):
     """Gate and up projections read the same activation; both get its statistics (the second was once missed)."""
     from edgelm.export.quant import calibrate

@@ -39,6 +39,10 @@ SCHEMES = {
 
 BLOCK_SCHEMES = ("gguf", "int8", "int4")
 """The schemes that write MatMulNBits / GatherBlockQuantized (contrib operators a runtime must know)."""
+SIZED_SCHEMES = ("int8", "int4")
+"""The schemes whose layers' block size ``--block-size`` chooses (a GGUF's blocks are the file's)."""
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""What onnxruntime's MatMulNBits takes: a power of two from 16."""
 
 
 @dataclass
@@ -49,13 +53,23 @@ class Context:
     calibration_ids: list[int] | None = None
     vocab_size: int | None = None
     max_positions: int | None = None
+    block_size: int | None = None
+    """The layers' block size for ``int8`` / ``int4`` (None: the scheme's own); the embedding / LM head keeps 32."""
     log: Callable[[str], None] = print
 
 
-def check(scheme: str, gguf_file: Path | None) -> None:
-    """Refuse an unknown scheme, or ``gguf`` for a source that is not a GGUF file, before any work starts."""
+def check(scheme: str, gguf_file: Path | None, block_size: int | None = None) -> None:
+    """Refuse an unknown scheme, ``gguf`` for a source that is not a GGUF file, or a block size the scheme or
+    MatMulNBits cannot take, before any work starts."""
     if scheme not in SCHEMES:
         raise ExportError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if block_size is not None:
+        if scheme not in SIZED_SCHEMES:
+            raise ExportError(f"--block-size applies to --quantize {' or '.join(SIZED_SCHEMES)}, not {scheme} "
+                              "(a GGUF's blocks are the file's own; int8-dynamic has none)")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+            raise ExportError(f"--block-size {block_size!r}: onnxruntime's MatMulNBits takes "
+                              f"{', '.join(map(str, BLOCK_SIZES))}")
     if scheme == "gguf" and gguf_file is None:
         raise ExportError("--quantize gguf carries over a GGUF file's quantized blocks, but the source is a checkpoint "
                           "folder; export the .gguf file itself, or use --quantize int8 or int4")
@@ -63,7 +77,7 @@ def check(scheme: str, gguf_file: Path | None) -> None:
 
 def quantize_file(src: Path, out: Path, scheme: str, ctx: Context) -> dict[str, Any]:
     """Write the ``scheme`` quantization of the float graph ``src`` to ``out``; returns the report."""
-    check(scheme, ctx.gguf_file)
+    check(scheme, ctx.gguf_file, ctx.block_size)
     if scheme == "int8-dynamic":
         from edgelm.export.quant import dynamic
 
@@ -92,7 +106,10 @@ def _scheme(name: str, src: Path, ctx: Context):
     else:
         ctx.log("      calibration: not run on this graph (static shapes or not a causal LM); the search weighs "
                 "every input alike")
-    return {"int8": Int8Scheme, "int4": Int4Scheme}[name](acts)
+    scheme = {"int8": Int8Scheme, "int4": Int4Scheme}[name](acts)
+    if ctx.block_size is not None:
+        scheme.linear_block = ctx.block_size
+    return scheme
 
 
 def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, Any]:
@@ -107,11 +124,15 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
     graph.save(model, out)
     result: dict[str, Any] = {
         "scheme": name,
-        "method": SCHEMES[name],
+        "method": SCHEMES[name] + (f"; layers in blocks of {ctx.block_size} (--block-size) where their inputs allow"
+                                   if ctx.block_size is not None else ""),
         "weights": report.quantized,
         "kept_float32": report.kept_float,
         "weight_bytes": report.weight_bytes,
     }
+    if name in SIZED_SCHEMES:
+        result["block_size"] = {"layers": scheme.linear_block or scheme.block, "embedding_and_head": scheme.block,
+                                "chosen": ctx.block_size is not None}
     if name == "gguf":
         result["gguf_file"] = str(ctx.gguf_file)
         result["max_relative_difference_to_gguf"] = scheme.max_rel_diff

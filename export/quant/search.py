@@ -100,10 +100,12 @@ class SearchedScheme:
         """The last activation array GPTQ prepared and what it made of it (gate and up come one after the other)."""
 
     def _block(self, k: int, role: str) -> int:
-        """The block for a matrix of ``k`` inputs: ``linear_block`` for a layer's matrix it divides, else ``block``."""
-        if role == "linear" and self.linear_block and k % self.linear_block == 0:
-            return self.linear_block
-        return self.block
+        """The block for a matrix of ``k`` inputs: for a layer's matrix ``linear_block``, halved until it divides
+        ``k`` (SmolLM2's 576 inputs take 64 when 128 is asked for), never below ``block``; else ``block``."""
+        block = self.linear_block if role == "linear" and self.linear_block else self.block
+        while block > self.block and k % block:
+            block //= 2
+        return block if k % block == 0 else self.block
 
     def matrix(self, w: np.ndarray, role: str, name: str) -> list[BlockQuant] | None:
         block = self._block(w.shape[1], role)
