@@ -1,6 +1,7 @@
 """What each difference between edgelm's int4 graph and onnxruntime-genai's costs in a decode step.
 
-    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX] [--repeats 4] [--variants nooffsets]
+    python benchmarks/graph_ab.py EXPORT [GENAI_MODEL_ONNX | genai:int4 --checkpoint CKPT] [--repeats 4]
+        [--variants nooffsets]
 
 TIMING ONLY: each variant is EXPORT's graph with one difference from genai's graph taken out by surgery
 (``nozp``: MatMulNBits/GatherBlockQuantized without their zero points; ``nobias``: GroupQueryAttention
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelm.cli.bench_graph import interleaved
+from edgelm.cli.bench_graph import interleaved, resolve
 from edgelm.export import onnx_files
 from edgelm.export.graph import prune_unused
 from edgelm.export.quant.rewrite import MS, node_attr
@@ -122,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Example: python benchmarks/graph_ab.py bench-results/models/smollm2-int4 "
                                         "~/.cache/edgelm/bench/genai-int4-*/model.onnx")
-    ap.add_argument("export", type=Path, help="an edgelm int4 export folder")
-    ap.add_argument("anchor", nargs="?", type=Path, help="also time this graph (genai's model.onnx) against EXPORT")
+    ap.add_argument("export", type=Path, help="an edgelm export folder (int4; gguf for nooffsets)")
+    ap.add_argument("anchor", nargs="?", help="also time this graph against EXPORT: genai's model.onnx, or "
+                                              "genai:PRECISION with --checkpoint (as bench_graph takes it)")
+    ap.add_argument("--checkpoint", help="the checkpoint a genai:PRECISION anchor was built from")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="V",
                     help=f"surgeries to time, each a comma-joined list of {', '.join(SURGERIES)} (default: "
                          f"{' '.join(VARIANTS)}, the differences from genai's int4; nooffsets is for a gguf export)")
@@ -137,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variant {', '.join(unknown)}: choose from {', '.join(SURGERIES)}")
     base = args.export / "model.onnx"
+    anchor = resolve(args.anchor, args.checkpoint) if args.anchor else None
     with tempfile.TemporaryDirectory(prefix="graph_ab_") as tmp:
         graphs = [("control", base)]
         graphs += [(v, make_variant(args.export, Path(tmp) / v.replace(",", "-"), v.split(","))) for v in args.variants]
-        if args.anchor:
-            graphs.append(("anchor", args.anchor))
+        if anchor:
+            graphs.append(("anchor", anchor))
         print(f"| variant ({args.threads} intra-op threads each) | step time / edgelm's, median (interquartile range) "
               f"of {args.repeats} processes' rounds |\n|---|---|")
         for name, path in graphs:

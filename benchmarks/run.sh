@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the comparison behind the README's performance and quantization tables on this machine:
-# SmolLM2-135M-Instruct exported by edgelm (float32; gguf from its Q4_1 GGUF; int8; int4; int8-dynamic)
+# SmolLM2-135M-Instruct exported by edgelm (float32; gguf from its Q4_1 GGUF; int8; int4; int4 with --block-size 64;
+# int8-dynamic)
 # against transformers PyTorch, optimum's ORT model and onnxruntime-genai (built by its own builder
 # from the same checkpoint), every system with the same threads through the setting it reads.
 #
@@ -23,27 +24,32 @@ fi
 CKPT="$(python3 -m edgelm.cli models fetch smollm2-135m-instruct)"
 GGUF="$(dirname "$CKPT")/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 . benchmarks/exports.sh  # fresh DIR: an export no exporter change has made stale
-for q in fp32 gguf int8 int4 int8-dynamic; do
+for q in fp32 gguf int8 int4 int4-b64 int8-dynamic; do
     dir="$MODELS/smollm2-$q"
     fresh "$dir" && continue
     case "$q" in
         fp32) python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite ;;
         gguf) python3 -m edgelm.cli export "$GGUF" "$dir" --overwrite --quantize gguf ;;
+        int4-b64) python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite --quantize int4 --block-size 64 ;;
         *) python3 -m edgelm.cli export "$CKPT" "$dir" --overwrite --quantize "$q" ;;
     esac
 done
 common=(--anchors --genai-python .venv-genai/bin/python --runs "$RUNS" --threads 2 --out "$OUT" --checkpoint "$CKPT")
 python3 -m edgelm.cli bench "$MODELS/smollm2-fp32" "${common[@]}" --strategy greedy --strategy sample \
     --strategy sample_full_vocab --strategy beam4 --lengths 64,512 --prompt-lengths 64,512,1024,2048
-for q in gguf int8 int4 int8-dynamic; do
+for q in gguf int8 int4 int4-b64 int8-dynamic; do
     python3 -m edgelm.cli bench "$MODELS/smollm2-$q" "${common[@]}" --strategy greedy \
         --reference "$MODELS/smollm2-fp32"
 done
 # The graphs alone, same driver for both runtimes (no generation loop): what each runtime adds around its graph
 # is the difference between this table and the ones above.
 python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 "$MODELS/smollm2-int8" genai:int8 \
-    "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --runs "$RUNS" \
+    "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-int4-b64" genai:int4 "$MODELS/smollm2-gguf" genai:int4 \
+    --checkpoint "$CKPT" --runs "$RUNS" \
     --threads 2 --interleaved --control --profile --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
+# What the gguf build's per-block offsets cost a step (timing-only surgery; the ceiling of any faster exact form)
+python3 benchmarks/graph_ab.py "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --variants nooffsets \
+    --repeats "$RUNS" | tee "$OUT/graph-ab-gguf.md"
 python3 -m edgelm.cli.bench_chat "$MODELS/smollm2-fp32" --turns 10 --threads 2 --out "$OUT/conversation.json" \
     | tee "$OUT/conversation.md"
 echo "benchmarks: tables, JSON and plots in $OUT/" >&2

@@ -10,6 +10,7 @@ gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K)
 int8           weight-only 8-bit blocks (MatMulNBits) with integer zero points, 64 in the
                layers and 32 in the embedding / LM head
 int4           weight-only 4-bit blocks of 32 with integer zero points
+               (both: ``--block-size`` sets the layers' block instead)
                (both: scale and zero point searched per block, then codes rounded by
                GPTQ, from calibration activations; see ``search`` and ``gptq``)
 int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations), for
@@ -31,8 +32,8 @@ from edgelm.runtime.errors import ExportError
 
 SCHEMES = {
     "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
-    "int8": "weight-only 8-bit blocks (64 in the layers, 32 in the embedding and LM head), scales searched and codes rounded by GPTQ on calibration activations",
-    "int4": "weight-only 4-bit blocks of 32, scales and zero points searched and codes rounded by GPTQ on calibration activations",
+    "int8": "weight-only 8-bit blocks (by default 64 in the layers, 32 in the embedding and LM head), scales searched and codes rounded by GPTQ on calibration activations",
+    "int4": "weight-only 4-bit blocks (by default 32), scales and zero points searched and codes rounded by GPTQ on calibration activations",
     "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
 }
 
