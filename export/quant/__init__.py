@@ -10,9 +10,9 @@ gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K)
 int8           weight-only 8-bit blocks (MatMulNBits) with integer zero points, 64 in the
                layers and 32 in the embedding / LM head
 int4           weight-only 4-bit blocks of 32 with integer zero points
-               (both: ``--block-size`` sets the layers' block instead)
                (both: scale and zero point searched per block, then codes rounded by
-               GPTQ, from calibration activations; see ``search`` and ``gptq``)
+               GPTQ, from calibration activations; see ``search`` and ``gptq``;
+               ``--block-size`` sets the layers' block instead)
 int8-dynamic   onnxruntime's dynamic MatMulInteger (int8 weights and activations), for
                ONNX Runtime Mobile builds without MatMulNBits
 =============  ==========================================================================
