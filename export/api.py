@@ -291,9 +291,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
         if quantize:
             from edgelm.export import graph
 
-            chosen = "" if block_size is None else f"; layers in blocks of {block_size} where their inputs allow"
-            log(f"      quantizing weights ({quantize}: {quant.SCHEMES[quantize]}{chosen}); the float32 graph above is "
-                "what was validated")
+            log(f"      quantizing weights ({quantize}: {quant.method(quantize, block_size)}); the float32 graph above "
+                "is what was validated")
             float_dir.mkdir()
             for name in (MODEL_FILE, graph.EXTERNAL_DATA):
                 if (tmp / name).exists():

@@ -294,21 +294,27 @@ def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
         bench_graph.main(["--pairs", str(tmp_path), str(tmp_path), "--control"])
 
 
+def _graph_ab():
+    """benchmarks/graph_ab.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("graph_ab", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "graph_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_graph_ab_variants_take_out_only_what_they_name(exported, tmp_path):
     """benchmarks/graph_ab.py's surgeries: without zero points no quantized operator reads any; without the
     attention bias, and with gate and up as two products, one unpadded row decodes the same tokens as the
     export (those two are timing variants of the same model, so their figures compare like with like)."""
-    import importlib.util
-
     import numpy as np
     import onnx
 
     from edgelm.runtime import CausalLM
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_ab.py"
-    spec = importlib.util.spec_from_file_location("graph_ab", path)
-    graph_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(graph_ab)
+    graph_ab = _graph_ab()
     src = exported("tiny-llama", quantize="int4")
 
     def ops(model_path):
@@ -337,18 +343,13 @@ def test_graph_ab_nooffsets_takes_out_the_offsets_path_only():
     """``nooffsets`` rewires each product's readers to the MatMulNBits output and drops the offsets' operators,
     while an Add of a product and something else (a residual) stays, as does an offsets Add that is a graph
     output (there is nothing to rewire it to)."""
-    import importlib.util
-
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from edgelm.export.graph import prune_unused
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_ab.py"
-    spec = importlib.util.spec_from_file_location("graph_ab", path)
-    graph_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(graph_ab)
+    graph_ab = _graph_ab()
     rng = np.random.default_rng(0)
     k, n = 32, 16
     codes = rng.integers(0, 256, (n, 1, 16), dtype=np.uint8)  # 4-bit codes, one block of 32 per row

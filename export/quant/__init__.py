@@ -59,6 +59,12 @@ class Context:
     log: Callable[[str], None] = print
 
 
+def method(scheme: str, block_size: int | None = None) -> str:
+    """What ``scheme`` does, as the export log and ``edgelm.json`` say it, with a chosen block size."""
+    chosen = "" if block_size is None else f"; layers in blocks of {block_size} (--block-size) where their inputs allow"
+    return SCHEMES[scheme] + chosen
+
+
 def check(scheme: str, gguf_file: Path | None, block_size: int | None = None) -> None:
     """Refuse an unknown scheme, ``gguf`` for a source that is not a GGUF file, or a block size the scheme or
     MatMulNBits cannot take, before any work starts."""
@@ -125,8 +131,7 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
     graph.save(model, out)
     result: dict[str, Any] = {
         "scheme": name,
-        "method": SCHEMES[name] + (f"; layers in blocks of {ctx.block_size} (--block-size) where their inputs allow"
-                                   if ctx.block_size is not None else ""),
+        "method": method(name, ctx.block_size),
         "weights": report.quantized,
         "kept_float32": report.kept_float,
         "weight_bytes": report.weight_bytes,

@@ -105,7 +105,7 @@ class SearchedScheme:
         block = self.linear_block if role == "linear" and self.linear_block else self.block
         while block > self.block and k % block:
             block //= 2
-        return block if k % block == 0 else self.block
+        return self.block if k % block else block
 
     def matrix(self, w: np.ndarray, role: str, name: str) -> list[BlockQuant] | None:
         block = self._block(w.shape[1], role)
