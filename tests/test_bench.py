@@ -294,15 +294,19 @@ def test_graph_bench_names_what_is_wrong_with_its_arguments(tmp_path):
         bench_graph.main(["--pairs", str(tmp_path), str(tmp_path), "--control"])
 
 
-def _graph_ab():
-    """benchmarks/graph_ab.py as a module (a script, not part of the package)."""
+def _script(name):
+    """A script of benchmarks/ as a module (scripts are not part of the package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("graph_ab", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "graph_ab.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _graph_ab():
+    return _script("graph_ab")
 
 
 def test_graph_ab_variants_take_out_only_what_they_name(exported, tmp_path):
@@ -387,3 +391,111 @@ def test_graph_ab_nooffsets_takes_out_the_offsets_path_only():
     np.testing.assert_allclose(after[0], np.maximum(main0 + feeds["x16"], 0), rtol=1e-6)
     assert not np.allclose(after[0], before[0])  # the offsets mattered, and are gone
     np.testing.assert_array_equal(after[1], before[1])  # the graph output's offsets path stays
+
+
+def test_block_swap_takes_exactly_the_named_matrices(exported, tmp_path):
+    """benchmarks/block_swap.py: the tiny llama's products fall one per role per layer and one head; a mix
+    takes the named ones' blocks and weights from the donor and keeps the rest; taking all of them gives
+    the donor's logits to the bit."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgelm.runtime import CausalLM
+
+    block_swap = _script("block_swap")
+    base, donor = exported("tiny-llama", quantize="int4", block_size=128), exported("tiny-llama", quantize="int4")
+
+    def load(folder):
+        return onnx.load(str(folder / "model.onnx"))
+
+    def blocks(model):
+        return {n.name: {a.name: a.i for a in n.attribute}["block_size"] for n in model.graph.node
+                if n.op_type == "MatMulNBits"}
+
+    def weights(model):
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    base_m, donor_m = load(base), load(donor)
+    roles = [block_swap.role_of(n) for n in base_m.graph.node if n.op_type == "MatMulNBits"]
+    layers = sorted({layer for layer, _ in roles if layer is not None})
+    assert sorted(r for _, r in roles) == sorted(["qkv", "o", "gate_up", "down"] * len(layers) + ["head"])
+
+    assert block_swap.swap(base, donor, tmp_path / "down", block_swap.parse_take("all:down")) == len(layers)
+    mix = load(tmp_path / "down")
+    roles_by_name = {n.name: block_swap.role_of(n)[1] for n in base_m.graph.node if n.op_type == "MatMulNBits"}
+    want = {name: (blocks(donor_m) if roles_by_name[name] == "down" else blocks(base_m))[name]
+            for name in roles_by_name}
+    assert blocks(mix) == want and blocks(mix) != blocks(base_m)
+    mixed_w, base_w, donor_w = weights(mix), weights(base_m), weights(donor_m)
+    producer = {o: n for n in mix.graph.node for o in n.output}
+    for n in mix.graph.node:
+        if n.op_type == "MatMulNBits" and roles_by_name[n.name] in ("down", "qkv"):
+            src = donor_w if roles_by_name[n.name] == "down" else base_w
+            for name in block_swap._weights_read(n, producer, set(mixed_w)):
+                np.testing.assert_array_equal(mixed_w[name], src[name])
+
+    block_swap.swap(base, donor, tmp_path / "all", block_swap.parse_take("all:all"))
+    ids = np.asarray([[5, 17, 42, 9, 33]], np.int64)
+    a = CausalLM.load(tmp_path / "all").generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                                 output_scores=True, return_dict_in_generate=True)
+    b = CausalLM.load(donor).generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                      output_scores=True, return_dict_in_generate=True)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        np.testing.assert_array_equal(sa, sb)
+
+    with pytest.raises(SystemExit, match="unknown role"):
+        block_swap.parse_take("0:mlp")
+    with pytest.raises(SystemExit, match="LAYERS:ROLES"):
+        block_swap.parse_take("down")
+    take = block_swap.parse_take("0-1,3:qkv+2:down")
+    assert take(1, "qkv") and take(3, "qkv") and take(2, "down") and not take(2, "qkv") and not take(None, "qkv")
+
+
+@pytest.mark.parametrize("bits,block,zero_points", [(4, 32, False), (4, 32, True), (4, 64, False), (8, 32, False)])
+def test_matmulnbits_rows_times_the_product_its_label_names(bits, block, zero_points):
+    """benchmarks/matmulnbits_rows.py: the node it times multiplies by the weights its format row names
+    (codes low nibble first, default zero point 2^(bits-1) or the stored one, one scale per block), up to
+    the int8 rounding of the activations that accuracy_level 4 does."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rows = _script("matmulnbits_rows")
+    k, n = 128, 48
+    sess = rows.session(k, n, bits, block, zero_points, threads=1)
+    model = rows.model(k, n, bits, block, zero_points)
+    attrs = {a.name: a.i for a in model.graph.node[0].attribute}
+    assert (attrs["accuracy_level"], attrs["bits"], attrs["block_size"]) == (4, bits, block)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    blocks = k // block
+    packed = inits["B"].reshape(n, -1)
+    if bits == 4:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k).astype(np.float32)
+    else:
+        codes = packed.astype(np.float32)
+    if zero_points:
+        z = inits["Z"].reshape(n, -1)
+        zp = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    else:
+        zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    scales = inits["S"].reshape(n, blocks)
+    w = ((codes.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]).reshape(n, k)
+    a = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
+    got = sess.run(None, {"A": a})[0]
+    want = a @ w.T
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_matmulnbits_rows_prints_a_row_per_shape_and_format(capsys):
+    rows = _script("matmulnbits_rows")
+    assert rows.main(["--shapes", "64x32", "96x32", "--rows", "1", "2", "--repeats", "2", "--threads", "1"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 64 x") or ln.startswith("| 96 x")]
+    # 64 takes every block size; 96 is no multiple of 64, so its blocks-of-64 row is left out
+    assert len([ln for ln in lines if ln.startswith("| 64 x")]) == 4
+    assert len([ln for ln in lines if ln.startswith("| 96 x")]) == 3
+    assert all(float(ln.rstrip(" |").split("|")[-1]) > 0 for ln in lines)
+    with pytest.raises(SystemExit):  # every figure is read against one row
+        rows.main(["--rows", "2", "4"])
+    with pytest.raises(SystemExit):
+        rows.main(["--shapes", "64by32"])
