@@ -1,13 +1,16 @@
 """What one MatMulNBits costs by rows fed at once: the price of a speculative verify pass on this CPU.
 
     python benchmarks/matmulnbits_rows.py [--shapes 1536x8960 8960x1536] [--rows 1 2 4 6] [--threads 2]
+        [--chain L]
 
 A draft model pays only if the target reads k+1 tokens in much less than k+1 times one token's time.
 Decoding one token is a matrix-vector product that streams the weights; several tokens share that
 stream, so on a machine where the stream is the cost a few rows come almost free. This times one
 product alone (random codes; the weights stay in cache, so it shows the compute side) for each block
 format, at ``accuracy_level`` 4 (int8 compute, what edgelm's exports use), and prints each row count's
-time over one row's.
+time over one row's. ``--chain 28`` times 28 pairs of products instead, each with weights of its own
+(a 1.5B model's MLPs, hundreds of MB), so that the weights stream from memory as in a real decode step:
+the two regimes price extra rows very differently (see the README's speculative bullet).
 """
 
 from __future__ import annotations
@@ -24,29 +27,51 @@ FORMATS = (("4-bit, blocks of 32", 4, 32, False), ("4-bit, blocks of 32, zero po
            ("4-bit, blocks of 64", 4, 64, False), ("8-bit, blocks of 32", 8, 32, False))
 
 
-def model(k: int, n: int, bits: int, block: int, zero_points: bool) -> onnx.ModelProto:
-    """One MatMulNBits with random codes and scales, shaped as edgelm's exports store it."""
-    rng = np.random.default_rng(0)
+def _product(rng: np.random.Generator, x: str, y: str, k: int, n: int, bits: int, block: int,
+             zero_points: bool, suffix: str = "") -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     blocks = k // block
-    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), "B"),
-             numpy_helper.from_array((rng.random(n * blocks) * 0.01).astype(np.float32), "S")]
-    inputs = ["A", "B", "S"]
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
+                                     "B" + suffix),
+             numpy_helper.from_array((rng.random(n * blocks) * (0.5 / np.sqrt(k))).astype(np.float32), "S" + suffix)]
+    inputs = [x, "B" + suffix, "S" + suffix]
     if zero_points:
         packed = n * ((blocks * bits + 7) // 8)
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, packed, dtype=np.uint8), "Z"))
-        inputs.append("Z")
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, packed, dtype=np.uint8), "Z" + suffix))
+        inputs.append("Z" + suffix)
+    node = helper.make_node("MatMulNBits", inputs, [y], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=block, accuracy_level=4)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    return node, inits
+
+
+def model(k: int, n: int, bits: int, block: int, zero_points: bool, chain: int = 0) -> onnx.ModelProto:
+    """One MatMulNBits with random codes and scales, shaped as edgelm's exports store it; with ``chain`` L,
+    L pairs of a K->N and an N->K product instead, each with weights of its own (a model's MLPs: the
+    weights no longer fit in any cache and stream from memory, as in a real decode step)."""
+    rng = np.random.default_rng(0)
+    if not chain:
+        node, inits = _product(rng, "A", "Y", k, n, bits, block, zero_points)
+        nodes, out = [node], ("Y", n)
+    else:
+        nodes, inits, x = [], [], "A"
+        for i in range(chain):
+            for j, (kk, nn) in enumerate(((k, n), (n, k))):
+                y = f"h{i}_{j}"
+                node, more = _product(rng, x, y, kk, nn, bits, block, zero_points, f"_{i}_{j}")
+                nodes.append(node)
+                inits += more
+                x = y
+        out = (x, k)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info(out[0], TensorProto.FLOAT, ["M", out[1]])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid("com.microsoft", 1)])
 
 
-def session(k: int, n: int, bits: int, block: int, zero_points: bool, threads: int) -> ort.InferenceSession:
+def session(k: int, n: int, bits: int, block: int, zero_points: bool, threads: int,
+            chain: int = 0) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model(k, n, bits, block, zero_points).SerializeToString(), opts,
+    return ort.InferenceSession(model(k, n, bits, block, zero_points, chain).SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
 
@@ -70,10 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 6], help="rows fed at once (default 1 2 4 6)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     ap.add_argument("--repeats", type=int, default=40, help="timed runs per row count (default 40)")
+    ap.add_argument("--chain", type=int, default=0, metavar="L",
+                    help="time L pairs of a KxN and an NxK product, each with its own weights, instead of one "
+                         "product: weights streamed from memory as in a decode step (28 is Qwen2.5-Coder-1.5B's "
+                         "layer count; 8-bit then takes about 1 GB while the session loads)")
     args = ap.parse_args(argv)
     if 1 not in args.rows:
         ap.error("--rows must include 1: every figure is read against one row")
-    print(f"| K x N | format | {' | '.join(f'{r} rows us' for r in args.rows)} | "
+    if args.chain < 0:
+        ap.error("--chain must be 0 (one product) or a number of product pairs")
+    unit = "ms" if args.chain else "us"
+    print(f"| {'L x (K x N, N x K)' if args.chain else 'K x N'} | format | {' | '.join(f'{r} rows {unit}' for r in args.rows)} | "
           f"{' | '.join(f'{r} / 1' for r in args.rows if r != 1)} |")
     print("|---|---|" + "---|" * (2 * len(args.rows) - 1))
     for shape in args.shapes:
@@ -82,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             ap.error(f"--shapes {shape!r}: write KxN, e.g. 1536x8960")
         for label, bits, block, zp in FORMATS:
-            if k % block:
+            if k % block or (args.chain and n % block):
                 continue
-            sess = session(k, n, bits, block, zp, args.threads)
+            sess = session(k, n, bits, block, zp, args.threads, args.chain)
             us = {r: time_rows(sess, k, r, args.repeats) for r in args.rows}
-            print(f"| {k} x {n} | {label} | {' | '.join(f'{us[r]:.0f}' for r in args.rows)} | "
+            del sess
+            name = f"{args.chain} x ({k} x {n}, {n} x {k})" if args.chain else f"{k} x {n}"
+            shown = {r: us[r] / 1000 for r in us} if args.chain else us
+            print(f"| {name} | {label} | {' | '.join(f'{shown[r]:.{1 if args.chain else 0}f}' for r in args.rows)} | "
                   f"{' | '.join(f'{us[r] / us[1]:.2f}' for r in args.rows if r != 1)} |", flush=True)
     return 0
 

@@ -453,38 +453,57 @@ def test_block_swap_takes_exactly_the_named_matrices(exported, tmp_path):
     assert take(1, "qkv") and take(3, "qkv") and take(2, "down") and not take(2, "qkv") and not take(None, "qkv")
 
 
-@pytest.mark.parametrize("bits,block,zero_points", [(4, 32, False), (4, 32, True), (4, 64, False), (8, 32, False)])
-def test_matmulnbits_rows_times_the_product_its_label_names(bits, block, zero_points):
-    """benchmarks/matmulnbits_rows.py: the node it times multiplies by the weights its format row names
-    (codes low nibble first, default zero point 2^(bits-1) or the stored one, one scale per block), up to
-    the int8 rounding of the activations that accuracy_level 4 does."""
+def _dequantized(inits, suffix, k, n, bits, block, zero_points):
+    """The float weights (n, k) a MatMulNBits reads, by the operator's documented layout: codes low nibble
+    first, default zero point 2^(bits-1) or the stored one (low nibble first), one scale per block."""
     import numpy as np
-    from onnx import numpy_helper
 
-    rows = _script("matmulnbits_rows")
-    k, n = 128, 48
-    sess = rows.session(k, n, bits, block, zero_points, threads=1)
-    model = rows.model(k, n, bits, block, zero_points)
-    attrs = {a.name: a.i for a in model.graph.node[0].attribute}
-    assert (attrs["accuracy_level"], attrs["bits"], attrs["block_size"]) == (4, bits, block)
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     blocks = k // block
-    packed = inits["B"].reshape(n, -1)
+    packed = inits["B" + suffix].reshape(n, -1)
     if bits == 4:
         codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k).astype(np.float32)
     else:
         codes = packed.astype(np.float32)
     if zero_points:
-        z = inits["Z"].reshape(n, -1)
+        z = inits["Z" + suffix].reshape(n, -1)
         zp = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
     else:
         zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
-    scales = inits["S"].reshape(n, blocks)
-    w = ((codes.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]).reshape(n, k)
+    scales = inits["S" + suffix].reshape(n, blocks)
+    return ((codes.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]).reshape(n, k)
+
+
+@pytest.mark.parametrize("bits,block,zero_points", [(4, 32, False), (4, 32, True), (4, 64, False), (8, 32, False)])
+def test_matmulnbits_rows_times_the_product_its_label_names(bits, block, zero_points):
+    """benchmarks/matmulnbits_rows.py: the node it times multiplies by the weights its format row names, up
+    to the int8 rounding of the activations that accuracy_level 4 does; ``--chain`` runs its pairs of
+    products in order, each with weights of its own."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rows = _script("matmulnbits_rows")
+    k, n = 128, 64
     a = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
-    got = sess.run(None, {"A": a})[0]
-    want = a @ w.T
+
+    model = rows.model(k, n, bits, block, zero_points)
+    attrs = {at.name: at.i for at in model.graph.node[0].attribute}
+    assert (attrs["accuracy_level"], attrs["bits"], attrs["block_size"]) == (4, bits, block)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    want = a @ _dequantized(inits, "", k, n, bits, block, zero_points).T
+    got = rows.session(k, n, bits, block, zero_points, threads=1).run(None, {"A": a})[0]
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+    chained = rows.model(k, n, bits, block, zero_points, chain=2)
+    assert [nd.op_type for nd in chained.graph.node] == ["MatMulNBits"] * 4
+    inits = {t.name: numpy_helper.to_array(t) for t in chained.graph.initializer}
+    want = a
+    for i in range(2):
+        for j, (kk, nn) in enumerate(((k, n), (n, k))):
+            want = want @ _dequantized(inits, f"_{i}_{j}", kk, nn, bits, block, zero_points).T
+    assert not np.allclose(inits["B_0_0"], inits["B_1_0"])  # weights of its own: nothing shared in the cache
+    got = rows.session(k, n, bits, block, zero_points, threads=1, chain=2).run(None, {"A": a})[0]
+    assert got.shape == (3, k)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
 def test_matmulnbits_rows_prints_a_row_per_shape_and_format(capsys):
@@ -495,7 +514,12 @@ def test_matmulnbits_rows_prints_a_row_per_shape_and_format(capsys):
     assert len([ln for ln in lines if ln.startswith("| 64 x")]) == 4
     assert len([ln for ln in lines if ln.startswith("| 96 x")]) == 3
     assert all(float(ln.rstrip(" |").split("|")[-1]) > 0 for ln in lines)
+    assert rows.main(["--shapes", "64x32", "--chain", "2", "--rows", "1", "2", "--repeats", "2", "--threads", "1"]) == 0
+    chained = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 2 x (64 x 32, 32 x 64)")]
+    assert len(chained) == 3  # 32 outputs cannot be the input of a product in blocks of 64
     with pytest.raises(SystemExit):  # every figure is read against one row
         rows.main(["--rows", "2", "4"])
     with pytest.raises(SystemExit):
         rows.main(["--shapes", "64by32"])
+    with pytest.raises(SystemExit):
+        rows.main(["--chain", "-1"])
