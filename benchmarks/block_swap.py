@@ -30,6 +30,7 @@ from typing import Callable
 
 import onnx
 
+from edgelm.cli.bench_quality import graph_perplexity, heldout_ids, text_ids
 from edgelm.export import onnx_files
 
 ROLES = ("qkv", "o", "gate_up", "down", "head")
@@ -117,19 +118,26 @@ def parse_take(spec: str) -> Callable[[int | None, str], bool]:
     return lambda layer, role: role in roles and (role == "head" or layers is None or layer in layers)
 
 
+def single_swaps(model: onnx.ModelProto) -> list[tuple[str, Callable[[int | None, str], bool]]]:
+    """``--sweep``'s mixes: each (layer, role) of the graph alone, labelled with the ``--take`` spec that
+    selects it (the head has no layer: ``all:head``), layer by layer."""
+    seen = sorted({role_of(n) for n in model.graph.node if n.op_type == "MatMulNBits"},
+                  key=lambda lr: (lr[0] is None, lr[0] or 0, ROLES.index(lr[1])))
+    return [(f"{'all' if layer is None else layer}:{role}", lambda l, r, lr=(layer, role): (l, r) == lr)
+            for layer, role in seen]
+
+
 class Scorer:
-    """Perplexity ratios against the float32 export, on the built-in and the held-out text (the reference's
-    perplexities computed once)."""
+    """Perplexity ratios against the float32 export, on the built-in and the held-out text, as ``edgelm bench
+    --reference`` computes them (``bench_quality``), with the reference's perplexities computed once for a
+    whole sweep instead of once per mix."""
 
     def __init__(self, reference: Path):
-        from edgelm.cli.bench_quality import graph_perplexity, heldout_ids, text_ids
-
-        self._ppl = graph_perplexity
         self.texts = (text_ids(reference), heldout_ids(reference))
         self.reference = [graph_perplexity(reference, ids) for ids in self.texts]
 
     def __call__(self, folder: Path) -> tuple[float, float]:
-        built_in, held = (self._ppl(folder, ids) / ref for ids, ref in zip(self.texts, self.reference))
+        built_in, held = (graph_perplexity(folder, ids) / ref for ids, ref in zip(self.texts, self.reference))
         return built_in, held
 
 
@@ -151,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{folder} holds no model.onnx: pass edgelm export folders")
     mixes = [(spec, parse_take(spec)) for spec in args.take]
     if args.sweep:
-        model = onnx.load(str(args.base / "model.onnx"), load_external_data=False)
-        seen = sorted({role_of(n) for n in model.graph.node if n.op_type == "MatMulNBits"},
-                      key=lambda lr: (lr[0] is None, lr[0] or 0, ROLES.index(lr[1])))
-        mixes += [(f"{layer}:{role}", lambda l, r, lr=(layer, role): (l, r) == lr) for layer, role in seen]
+        mixes += single_swaps(onnx.load(str(args.base / "model.onnx"), load_external_data=False))
     score = Scorer(args.reference)
     print("| mix (BASE with these from DONOR) | matrices taken | perplexity / float32 | held out |\n|---|---|---|---|")
     for spec, take in [("none (BASE)", lambda layer, role: False), ("all (DONOR)", lambda layer, role: True)] + mixes:

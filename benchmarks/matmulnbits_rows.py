@@ -23,56 +23,54 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgelm.export.quant.blocks import BlockQuant
+
 FORMATS = (("4-bit, blocks of 32", 4, 32, False), ("4-bit, blocks of 32, zero points", 4, 32, True),
            ("4-bit, blocks of 64", 4, 64, False), ("8-bit, blocks of 32", 8, 32, False))
 
 
-def _product(rng: np.random.Generator, x: str, y: str, k: int, n: int, bits: int, block: int,
-             zero_points: bool, suffix: str = "") -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+def matrix(rng: np.random.Generator, k: int, n: int, bits: int, block: int, zero_points: bool) -> BlockQuant:
+    """Random codes, scales and (optionally) zero points for an N x K product; the scales keep a chain's
+    activations near 1, so 28 pairs of products neither overflow nor vanish."""
     blocks = k // block
-    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
-                                     "B" + suffix),
-             numpy_helper.from_array((rng.random(n * blocks) * (0.5 / np.sqrt(k))).astype(np.float32), "S" + suffix)]
-    inputs = [x, "B" + suffix, "S" + suffix]
-    if zero_points:
-        packed = n * ((blocks * bits + 7) // 8)
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, packed, dtype=np.uint8), "Z" + suffix))
-        inputs.append("Z" + suffix)
-    node = helper.make_node("MatMulNBits", inputs, [y], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block, accuracy_level=4)
-    return node, inits
+    return BlockQuant(rng.integers(0, 2 ** bits, (n, k), dtype=np.uint8),
+                      (rng.random((n, blocks)) * (0.5 / np.sqrt(k))).astype(np.float32), bits, block,
+                      rng.integers(0, 2 ** bits, (n, blocks), dtype=np.uint8) if zero_points else None)
 
 
-def model(k: int, n: int, bits: int, block: int, zero_points: bool, chain: int = 0) -> onnx.ModelProto:
-    """One MatMulNBits with random codes and scales, shaped as edgelm's exports store it; with ``chain`` L,
-    L pairs of a K->N and an N->K product instead, each with weights of its own (a model's MLPs: the
-    weights no longer fit in any cache and stream from memory, as in a real decode step)."""
+def matrices(k: int, n: int, bits: int, block: int, zero_points: bool, chain: int = 0) -> list[BlockQuant]:
+    """One K->N product, or with ``chain`` L, L pairs of a K->N and an N->K product, each with weights of its
+    own (a model's MLPs: the weights no longer fit in any cache and stream from memory, as in a decode step)."""
     rng = np.random.default_rng(0)
-    if not chain:
-        node, inits = _product(rng, "A", "Y", k, n, bits, block, zero_points)
-        nodes, out = [node], ("Y", n)
-    else:
-        nodes, inits, x = [], [], "A"
-        for i in range(chain):
-            for j, (kk, nn) in enumerate(((k, n), (n, k))):
-                y = f"h{i}_{j}"
-                node, more = _product(rng, x, y, kk, nn, bits, block, zero_points, f"_{i}_{j}")
-                nodes.append(node)
-                inits += more
-                x = y
-        out = (x, k)
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info(out[0], TensorProto.FLOAT, ["M", out[1]])], inits)
+    shapes = [(k, n), (n, k)] * chain if chain else [(k, n)]
+    return [matrix(rng, kk, nn, bits, block, zero_points) for kk, nn in shapes]
+
+
+def model(mats: list[BlockQuant]) -> onnx.ModelProto:
+    """The products in order, each a MatMulNBits packed by the exporter's own ``BlockQuant`` (so the layout
+    is the one edgelm's exports ship), at accuracy_level 4."""
+    nodes, inits, x = [], [], "A"
+    for i, m in enumerate(mats):
+        n, k = m.shape
+        inputs = [x, f"B{i}", f"S{i}"]
+        inits += [numpy_helper.from_array(m.packed(), f"B{i}"), numpy_helper.from_array(m.scales, f"S{i}")]
+        if m.zero_points is not None:
+            inits.append(numpy_helper.from_array(m.packed_zero_points(), f"Z{i}"))
+            inputs.append(f"Z{i}")
+        x = f"Y{i}"
+        nodes.append(helper.make_node("MatMulNBits", inputs, [x], domain="com.microsoft", K=k, N=n, bits=m.bits,
+                                      block_size=m.block, accuracy_level=4))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", mats[0].shape[1]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["M", mats[-1].shape[0]])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid("com.microsoft", 1)])
 
 
-def session(k: int, n: int, bits: int, block: int, zero_points: bool, threads: int,
-            chain: int = 0) -> ort.InferenceSession:
+def session(mats: list[BlockQuant], threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model(k, n, bits, block, zero_points, chain).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model(mats).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def time_rows(sess: ort.InferenceSession, k: int, rows: int, repeats: int) -> float:
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, bits, block, zp in FORMATS:
             if k % block or (args.chain and n % block):
                 continue
-            sess = session(k, n, bits, block, zp, args.threads, args.chain)
+            sess = session(matrices(k, n, bits, block, zp, args.chain), args.threads)
             us = {r: time_rows(sess, k, r, args.repeats) for r in args.rows}
             del sess
             name = f"{args.chain} x ({k} x {n}, {n} x {k})" if args.chain else f"{k} x {n}"

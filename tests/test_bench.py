@@ -449,59 +449,43 @@ def test_block_swap_takes_exactly_the_named_matrices(exported, tmp_path):
         block_swap.parse_take("0:mlp")
     with pytest.raises(SystemExit, match="LAYERS:ROLES"):
         block_swap.parse_take("down")
+    singles = block_swap.single_swaps(base_m)
+    assert len(singles) == len(roles)
+    for spec, single in singles:  # each sweep row's label, given to --take, takes that one matrix
+        assert [single(*lr) for lr in roles] == [block_swap.parse_take(spec)(*lr) for lr in roles]
+        assert sum(single(*lr) for lr in roles) == 1
     take = block_swap.parse_take("0-1,3:qkv+2:down")
     assert take(1, "qkv") and take(3, "qkv") and take(2, "down") and not take(2, "qkv") and not take(None, "qkv")
 
 
-def _dequantized(inits, suffix, k, n, bits, block, zero_points):
-    """The float weights (n, k) a MatMulNBits reads, by the operator's documented layout: codes low nibble
-    first, default zero point 2^(bits-1) or the stored one (low nibble first), one scale per block."""
-    import numpy as np
-
-    blocks = k // block
-    packed = inits["B" + suffix].reshape(n, -1)
-    if bits == 4:
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k).astype(np.float32)
-    else:
-        codes = packed.astype(np.float32)
-    if zero_points:
-        z = inits["Z" + suffix].reshape(n, -1)
-        zp = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
-    else:
-        zp = np.full((n, blocks), 2 ** (bits - 1), np.float32)
-    scales = inits["S" + suffix].reshape(n, blocks)
-    return ((codes.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]).reshape(n, k)
-
-
 @pytest.mark.parametrize("bits,block,zero_points", [(4, 32, False), (4, 32, True), (4, 64, False), (8, 32, False)])
 def test_matmulnbits_rows_times_the_product_its_label_names(bits, block, zero_points):
-    """benchmarks/matmulnbits_rows.py: the node it times multiplies by the weights its format row names, up
-    to the int8 rounding of the activations that accuracy_level 4 does; ``--chain`` runs its pairs of
-    products in order, each with weights of its own."""
+    """benchmarks/matmulnbits_rows.py: the node it times multiplies by the weights its format row names (as
+    ``BlockQuant.dequantize`` reads them, which the GGUF tests hold to the gguf package), up to the int8
+    rounding of the activations that accuracy_level 4 does; ``--chain`` runs its pairs of products in
+    order, each with weights of its own."""
     import numpy as np
-    from onnx import numpy_helper
 
     rows = _script("matmulnbits_rows")
     k, n = 128, 64
     a = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
 
-    model = rows.model(k, n, bits, block, zero_points)
-    attrs = {at.name: at.i for at in model.graph.node[0].attribute}
+    (one,) = rows.matrices(k, n, bits, block, zero_points)
+    attrs = {at.name: at.i for at in rows.model([one]).graph.node[0].attribute}
     assert (attrs["accuracy_level"], attrs["bits"], attrs["block_size"]) == (4, bits, block)
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    want = a @ _dequantized(inits, "", k, n, bits, block, zero_points).T
-    got = rows.session(k, n, bits, block, zero_points, threads=1).run(None, {"A": a})[0]
+    assert (one.zero_points is not None) == zero_points
+    want = a @ one.dequantize().T
+    got = rows.session([one], threads=1).run(None, {"A": a})[0]
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
-    chained = rows.model(k, n, bits, block, zero_points, chain=2)
-    assert [nd.op_type for nd in chained.graph.node] == ["MatMulNBits"] * 4
-    inits = {t.name: numpy_helper.to_array(t) for t in chained.graph.initializer}
+    chained = rows.matrices(k, n, bits, block, zero_points, chain=2)
+    assert [m.shape for m in chained] == [(n, k), (k, n)] * 2
+    assert [nd.op_type for nd in rows.model(chained).graph.node] == ["MatMulNBits"] * 4
     want = a
-    for i in range(2):
-        for j, (kk, nn) in enumerate(((k, n), (n, k))):
-            want = want @ _dequantized(inits, f"_{i}_{j}", kk, nn, bits, block, zero_points).T
-    assert not np.allclose(inits["B_0_0"], inits["B_1_0"])  # weights of its own: nothing shared in the cache
-    got = rows.session(k, n, bits, block, zero_points, threads=1, chain=2).run(None, {"A": a})[0]
+    for m in chained:
+        want = want @ m.dequantize().T
+    assert not np.array_equal(chained[0].q, chained[2].q)  # weights of its own: nothing shared in the cache
+    got = rows.session(chained, threads=1).run(None, {"A": a})[0]
     assert got.shape == (3, k)
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
@@ -523,3 +507,23 @@ def test_matmulnbits_rows_prints_a_row_per_shape_and_format(capsys):
         rows.main(["--shapes", "64by32"])
     with pytest.raises(SystemExit):
         rows.main(["--chain", "-1"])
+
+
+def test_load_peak_measures_each_load_in_a_fresh_process_with_its_cache_setting(exported, tmp_path, capsys):
+    """benchmarks/load_peak.py: a row's process loads with the cache setting it names (the cache it points
+    to gets written, or stays empty with the cache off), and its figures are memory of that process."""
+    load_peak = _script("load_peak")
+    folder = exported("tiny-llama")
+    on, off = tmp_path / "on", tmp_path / "off"
+    mb = load_peak.measure(folder, 1, {"EDGELM_LOAD_CACHE_DIR": str(on)})
+    assert on.is_dir() and any(on.rglob("*"))
+    load_peak.measure(folder, 1, {"EDGELM_LOAD_CACHE_DIR": str(off), "EDGELM_LOAD_CACHE": "0"})
+    assert not off.exists() or not any(off.rglob("*"))
+    assert set(mb) == set(load_peak.FIELDS)
+    assert mb["VmHWM"] >= mb["RssAnon"] > 0 and abs(mb["VmRSS"] - mb["RssAnon"] - mb["RssFile"]) < 64
+    assert load_peak.main([str(folder), "--threads", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "MB" not in ln]
+    assert [ln.split(" | ")[0] for ln in rows] == ["| first load (writes the load cache)", "| from the load cache",
+                                                 "| load cache off"]
+    with pytest.raises(SystemExit):
+        load_peak.main([str(tmp_path)])
