@@ -53,7 +53,8 @@ def provider_spec(args: argparse.Namespace) -> Any:
     return (args.provider, options)
 
 
-def load_model(cls: Any, model_dir: str | Path, args: argparse.Namespace, model_file: str | None = None) -> Any:
+def load_model(cls: Any, model_dir: str | Path, args: argparse.Namespace, model_file: str | None = None,
+               **load_kw: Any) -> Any:
     """``cls.load`` with the command's provider and threads; on the CPU, first says on stderr when this load
     writes the model's load cache entry (runtime.load_cache), the one load that takes seconds longer."""
     from edgelm.runtime import load_cache
@@ -62,7 +63,7 @@ def load_model(cls: Any, model_dir: str | Path, args: argparse.Namespace, model_
         print(f"edgelm: first load of {model_dir} on this machine: saving onnxruntime's prepacked graph to the load "
               f"cache ({load_cache.root()}; once, later loads are faster; {load_cache.ENV}=0 skips it)",
               file=sys.stderr)
-    return cls.load(model_dir, provider=provider_spec(args), threads=args.threads, model_file=model_file)
+    return cls.load(model_dir, provider=provider_spec(args), threads=args.threads, model_file=model_file, **load_kw)
 
 
 # --- export -------------------------------------------------------------------------
@@ -259,6 +260,10 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--system", default=None, help="system message for --chat")
     add_generation_args(p)
     add_session_args(p)
+    p.add_argument("--stable-rows", action="store_true",
+                   help="feed every decode step as two rows so that a token's logits do not depend on how many "
+                        "tokens its pass reads: with --assistant-model or --prompt-lookup-num-tokens on a quantized "
+                        "model, the output is then exactly this mode's greedy output (costs one more row per step)")
     p.add_argument("--json", action="store_true", help="print a JSON object with token ids and texts")
     p.set_defaults(func=_cmd_generate)
 
@@ -281,7 +286,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgelm.runtime import CausalLM, TextStreamer
 
-    lm = load_model(CausalLM, args.model_dir, args, args.model_file)
+    lm = load_model(CausalLM, args.model_dir, args, args.model_file, stable_rows=args.stable_rows)
     kw = _generation_kwargs(args)
     if args.assistant_model:
         kw["assistant_model"] = load_model(CausalLM, args.assistant_model, args)

@@ -46,13 +46,20 @@ class CausalLM:
     @classmethod
     def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
              optimization: str = "all", model_file: str | None = None,
-             load_cache: bool | None = None) -> "CausalLM":
+             load_cache: bool | None = None, stable_rows: bool = False) -> "CausalLM":
         """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``).
 
         ``model_file`` picks another graph file of the folder, e.g. ``"model.ort"`` written by
         ``edgelm export --mobile``; by default the manifest's ``model.onnx``. ``load_cache``: keep
         onnxruntime's prepacked graph on this device so later loads skip that work (see
         ``runtime.load_cache``; default ``$EDGELM_LOAD_CACHE``, on).
+
+        ``stable_rows``: every pass of a single sequence holds two tokens or more (a decode step feeds its
+        token twice), so that a token's logits are the same bit for bit whether its pass reads it alone
+        or among others. On graphs with int8 activations (quantized exports) that is what makes assisted
+        decoding and prompt lookup give exactly this model's greedy tokens (and a conversation's cached
+        turns exactly a whole-history pass's); it costs one more row per decode step. Float32 graphs
+        differ only in last bits without it. Static-shape exports feed one token per pass, always alike.
         """
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
@@ -62,7 +69,8 @@ class CausalLM:
         tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
         model_file = resolve_model_file(model_dir, manifest, model_file)
         make = StaticDecoder if manifest.static_max_length else Decoder
-        decoder = make(model_dir, manifest, provider, threads, optimization, model_file, load_cache)
+        decoder = make(model_dir, manifest, provider, threads, optimization, model_file, load_cache,
+                       stable_rows=stable_rows)
         gen = GenerationConfig.from_model_dir(model_dir, manifest.eos_token_id, manifest.pad_token_id, manifest.bos_token_id)
         return cls(model_dir, manifest, decoder, tokenizer, gen)
 

@@ -25,7 +25,7 @@ class Decoder:
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
                  threads: int | None = None, optimization: str = "all", model_file: str | None = None,
-                 load_cache: bool | None = None):
+                 load_cache: bool | None = None, stable_rows: bool = False):
         self.manifest = manifest
         self.model_file = model_file or manifest.model_file
         self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization,
@@ -66,6 +66,13 @@ class Decoder:
         """Fused graphs run with past and present in one buffer (SharedKVCache); EDGELM_KV_SHARED_BUFFER=0 turns
         it off (the graph is the same either way), e.g. to compare the two in a benchmark."""
         self.has_hidden = "last_hidden_state" in self.output_names
+        if stable_rows and not self.one_row_chunks:
+            raise UnsupportedError(
+                "stable_rows needs attention fused into GroupQueryAttention, which `edgelm export` writes for "
+                f"Llama-family models unless --no-fuse; {self.model_file} keeps attention as plain ONNX ops: "
+                "re-export it without --no-fuse, or load it without stable_rows")
+        self.stable_rows = stable_rows
+        """Feed every one-token pass of a single sequence as two rows (see ``_step_two_rows``)."""
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
@@ -99,6 +106,8 @@ class Decoder:
                 "it: re-export the model with `edgelm export`"
             )
         new = input_ids.shape[1]
+        if self.stable_rows and new == 1 and input_ids.shape[0] == 1:
+            return self._step_two_rows(input_ids, attention_mask, position_ids, cache, want_hidden)
         if self.one_row_chunks and new > 1 and input_ids.shape[0] > 1 and cache.length > 0:
             # GroupQueryAttention takes several tokens on a past for one row only: feed them one by one.
             total = attention_mask.shape[1]
@@ -113,6 +122,30 @@ class Decoder:
             # Fed every step when the graph has it: a kept binding would otherwise hold the last call's value.
             logits, hidden = self._run(feeds, cache, want_hidden, new, keep if self.keeps_logits else None)
         return (logits[:, -keep:] if keep else logits), hidden  # a no-op view when the graph already kept them
+
+    def _step_two_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache,
+                       want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """A one-token pass fed as that token twice, the second row dropped: every pass then holds two rows
+        or more, and a token's logits no longer depend on how many tokens its pass holds.
+
+        onnxruntime multiplies a single row by a non-constant matrix (GroupQueryAttention's probabilities x
+        V) with a kernel of its own whose sums run in another order; from two rows on, every row comes out
+        the same whatever the row count (``benchmarks/verify_rows.py`` shows both). A last-bit difference
+        stays a last-bit difference in float32, but a graph that quantizes its activations to int8 can
+        round it to the next step and carry that to the logits (~0.2 on Qwen2.5-Coder), so a speculative
+        verify pass (several rows) and a greedy step (one) could pick differently at a near-tie. The
+        second row is causal garbage that row 0 never attends to; its cache slot is cropped and
+        overwritten by the next token. Costs one extra row per step (MatMulNBits streams the weights once
+        for both).
+        """
+        ids = np.concatenate([input_ids, input_ids], axis=1)
+        mask = np.concatenate([attention_mask, attention_mask[:, -1:]], axis=1)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.has_position_ids:  # the same position twice: row 0 cannot see row 1, and no limit is passed
+            feeds["position_ids"] = np.concatenate([position_ids, position_ids], axis=1)
+        logits, hidden = self._run(feeds, cache, want_hidden, 2, 2 if self.keeps_logits else None)
+        cache.crop(cache.length - 1)
+        return logits[:, :1], (hidden[:, :1] if hidden is not None else None)
 
     def _keep_value(self, keep: int):
         """``logits_to_keep`` as a C-level OrtValue, made once per value (a decode step always asks for 1)."""
@@ -163,7 +196,8 @@ class StaticDecoder(Decoder):
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
                  threads: int | None = None, optimization: str = "all", model_file: str | None = None,
-                 load_cache: bool | None = None):
+                 load_cache: bool | None = None, stable_rows: bool = False):
+        # One token per pass always: every row is computed alike already, so ``stable_rows`` changes nothing.
         super().__init__(model_dir, manifest, provider, threads, optimization, model_file, load_cache)
         self.static = True
         self.capacity = int(manifest.static_max_length)

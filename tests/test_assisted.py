@@ -10,6 +10,7 @@ import torch
 
 from conftest import CAUSAL
 from edgelm.runtime import CausalLM, GenerationConfigError
+from edgelm.runtime.errors import UnsupportedError
 
 PROMPT = np.array([[5, 17, 99, 3, 5, 17, 99, 3, 5, 17, 250, 8]], np.int64)
 
@@ -211,3 +212,46 @@ def test_heuristic_prompt_lookup_drafts_no_further_than_the_match_has_held():
     constant = PromptLookupCandidates(10, 2, eos=[])
     assert constant.get(held_5, limit=50)[0].tolist() == list(range(6, 16))
     assert constant.get(chance, limit=50)[0].tolist() == [3, 4, 5, 6, 7, 8, 0, 9, 1, 2]
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "int4"}])
+def test_stable_rows_make_a_token_the_same_in_any_pass(options, exported):
+    """stable_rows: a one-token pass gives bit for bit the logits that the same token gets inside a longer pass,
+    so drafted runs reproduce greedy's scores, not just its tokens, and cached turns equal one whole-history
+    pass. Without it a one-token pass takes onnxruntime's single-row kernel in attention (last-bit
+    differences that int8 activations can grow; benchmarks/verify_rows.py)."""
+    folder = exported("tiny-llama", **options)
+    lm = CausalLM.load(folder, stable_rows=True)
+    decoder = lm.decoder
+    ids = np.concatenate([PROMPT, PROMPT[:, :6]], axis=1)
+    n, extra = PROMPT.shape[1], 6
+    whole, _ = decoder.step(ids, np.ones((1, n + extra), np.int64), np.arange(n + extra)[None], decoder.new_cache(1))
+    cache = decoder.new_cache(1)
+    decoder.step(PROMPT, np.ones((1, n), np.int64), np.arange(n)[None], cache)
+    for t in range(extra):  # one token at a time on top of the cached prompt
+        one, _ = decoder.step(ids[:, n + t: n + t + 1], np.ones((1, n + t + 1), np.int64), np.array([[n + t]]), cache)
+        assert one.shape == (1, 1, whole.shape[-1]) and cache.length == n + t + 1
+        np.testing.assert_array_equal(one[0, 0], whole[0, n + t])
+    draft = CausalLM.load(exported("tiny-gpt2"))
+    kw = dict(max_new_tokens=16, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    greedy = lm.generate(ids, **kw)
+    for extra_kw in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=draft, num_assistant_tokens=3)):
+        drafted = lm.generate(ids, **kw, **extra_kw)
+        assert lm.last_assisted_stats["candidates"] > 0  # the target did read several tokens per pass
+        np.testing.assert_array_equal(drafted.sequences, greedy.sequences)
+        for a, b in zip(drafted.scores, greedy.scores):
+            np.testing.assert_array_equal(a, b)
+    # The second row is dropped: tokens and their count are plain greedy's on a float32 graph, where only
+    # last bits move.
+    if not options:
+        plain = CausalLM.load(folder).generate(ids, **kw)
+        np.testing.assert_array_equal(plain.sequences, greedy.sequences)
+
+
+def test_stable_rows_need_fused_attention_and_change_nothing_on_static_exports(exported):
+    with pytest.raises(UnsupportedError, match="GroupQueryAttention.*--no-fuse"):
+        CausalLM.load(exported("tiny-llama", fuse=False), stable_rows=True)
+    static = exported("tiny-llama", static_max_length=64)
+    expected = CausalLM.load(static).generate(PROMPT, max_new_tokens=8, eos_token_id=None)
+    np.testing.assert_array_equal(CausalLM.load(static, stable_rows=True).generate(PROMPT, max_new_tokens=8,
+                                                                                   eos_token_id=None), expected)

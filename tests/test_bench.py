@@ -527,3 +527,35 @@ def test_load_peak_measures_each_load_in_a_fresh_process_with_its_cache_setting(
                                                  "| load cache off"]
     with pytest.raises(SystemExit):
         load_peak.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "int4"}])
+def test_verify_rows_finds_no_row_dependence_before_attention_and_none_with_stable_rows(exported, options, capsys):
+    """benchmarks/verify_rows.py: in edgelm's graphs every operator up to the first attention computes a token's
+    row the same whether the pass feeds it alone or among others (the README's account of why drafted runs
+    can leave greedy on quantized targets rests on this); what differs starts at GroupQueryAttention, whose
+    probabilities x V product takes MLAS's one-row kernel in a one-token pass."""
+    verify_rows = _script("verify_rows")
+    folder = exported("tiny-llama", **options)
+    result = verify_rows.node_diffs(folder, tokens=3, prompt_tokens=8, threads=1)
+    ops = [op for _, op, _ in result["nodes"]]
+    assert "GroupQueryAttention" in ops and ("MatMulNBits" if options else "MatMul") in ops
+    before = ops.index("GroupQueryAttention")
+    assert before >= 2 and all(diff == 0.0 for _, _, diff in result["nodes"][:before])
+    assert result["first"] is None or result["first"][1] == "GroupQueryAttention"
+    assert len(result["logits"]) == 3
+    if not options:  # float32: a last-bit difference stays in the last bits
+        assert all(r["max_diff"] < 1e-4 and r["same_pick"] for r in result["logits"])
+    stable = verify_rows.node_diffs(folder, tokens=3, prompt_tokens=8, threads=1, stable_rows=True)
+    assert stable["first"] is None and len(stable["nodes"]) == len(result["nodes"])  # as CausalLM(stable_rows=True)
+    assert all(r["max_diff"] == 0.0 for r in stable["logits"])
+    gemm = verify_rows.gemm_rows(t=40, h=16)
+    assert gemm["2 vs 4 rows"] == 0.0 and gemm["1 vs 4 rows"] < 1e-5
+    assert verify_rows.main([str(folder), "--tokens", "2", "--prompt-tokens", "4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fed token |" in out and out.count("\n| 0 |") == 1 and "\n| 1 |" in out
+    assert not list(folder.glob("*.probe.onnx"))  # the probed copy does not stay beside the export
+    with pytest.raises(SystemExit):
+        verify_rows.main([str(folder), "--tokens", "1"])
+    with pytest.raises(SystemExit):
+        verify_rows.main([str(folder.parent)])

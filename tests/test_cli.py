@@ -94,3 +94,17 @@ def test_models_list_and_fetch_uses_cache(checkpoint):
     assert "building" not in proc.stderr  # second call: cached
     bad = _cli("models", "fetch", "no-such-model")
     assert bad.returncode == 2 and "known models" in bad.stderr
+
+
+def test_generate_stable_rows_reach_the_load(exported):
+    """--stable-rows loads the model with stable_rows: prompt lookup then gives that load's greedy output, and a
+    graph without fused attention is refused with the reason, not a traceback."""
+    folder = exported("tiny-llama")
+    proc = _cli("generate", str(folder), "one two three one two three one two", "--max-new-tokens", "8", "--json",
+                "--prompt-lookup-num-tokens", "3", "--stable-rows")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    lm = CausalLM.load(folder, stable_rows=True)
+    assert out["sequences"] == lm.generate(np.array([out["prompt_ids"]]), max_new_tokens=8).tolist()
+    refused = _cli("generate", str(exported("tiny-llama", fuse=False)), "hi", "--max-new-tokens", "2", "--stable-rows")
+    assert refused.returncode != 0 and "GroupQueryAttention" in refused.stderr and "Traceback" not in refused.stderr
