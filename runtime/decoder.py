@@ -73,6 +73,8 @@ class Decoder:
                 "re-export it without --no-fuse, or load it without stable_rows")
         self.stable_rows = stable_rows
         """Feed every one-token pass of a single sequence as two rows (see ``_step_two_rows``)."""
+        self._slots = manifest.max_position_embeddings or 2**62
+        """Cache slots the graph's rotary tables cover: the second row needs one more than its token."""
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
@@ -106,7 +108,7 @@ class Decoder:
                 "it: re-export the model with `edgelm export`"
             )
         new = input_ids.shape[1]
-        if self.stable_rows and new == 1 and input_ids.shape[0] == 1:
+        if self.stable_rows and new == 1 and input_ids.shape[0] == 1 and cache.length + 2 <= self._slots:
             return self._step_two_rows(input_ids, attention_mask, position_ids, cache, want_hidden)
         if self.one_row_chunks and new > 1 and input_ids.shape[0] > 1 and cache.length > 0:
             # GroupQueryAttention takes several tokens on a past for one row only: feed them one by one.
@@ -136,7 +138,9 @@ class Decoder:
         verify pass (several rows) and a greedy step (one) could pick differently at a near-tie. The
         second row is causal garbage that row 0 never attends to; its cache slot is cropped and
         overwritten by the next token. Costs one extra row per step (MatMulNBits streams the weights once
-        for both).
+        for both). A token in the model's last position is fed alone: GroupQueryAttention takes rotary
+        positions from cache slots and has no table row for one past the end (``generate`` never feeds
+        that position: the token after it could not be fed).
         """
         ids = np.concatenate([input_ids, input_ids], axis=1)
         mask = np.concatenate([attention_mask, attention_mask[:, -1:]], axis=1)

@@ -232,6 +232,18 @@ def test_stable_rows_make_a_token_the_same_in_any_pass(options, exported):
         one, _ = decoder.step(ids[:, n + t: n + t + 1], np.ones((1, n + t + 1), np.int64), np.array([[n + t]]), cache)
         assert one.shape == (1, 1, whole.shape[-1]) and cache.length == n + t + 1
         np.testing.assert_array_equal(one[0, 0], whole[0, n + t])
+    # The model's last position has no slot after it for the second row: fed alone, as without the option.
+    last = lm.manifest.max_position_embeddings - 1
+    tail = np.arange(last + 1)[None] % 200 + 5
+    cache = decoder.new_cache(1)
+    decoder.step(tail[:, :last], np.ones((1, last), np.int64), np.arange(last)[None], cache)
+    one, _ = decoder.step(tail[:, last:], np.ones((1, last + 1), np.int64), np.array([[last]]), cache)
+    plain = CausalLM.load(folder).decoder
+    plain_cache = plain.new_cache(1)
+    plain.step(tail[:, :last], np.ones((1, last), np.int64), np.arange(last)[None], plain_cache)
+    expected, _ = plain.step(tail[:, last:], np.ones((1, last + 1), np.int64), np.array([[last]]), plain_cache)
+    np.testing.assert_array_equal(one, expected)
+    assert cache.length == last + 1
     draft = CausalLM.load(exported("tiny-gpt2"))
     kw = dict(max_new_tokens=16, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
     greedy = lm.generate(ids, **kw)
