@@ -71,6 +71,11 @@ class Decoder:
                 "stable_rows needs attention fused into GroupQueryAttention, which `edgelm export` writes for "
                 f"Llama-family models unless --no-fuse; {self.model_file} keeps attention as plain ONNX ops: "
                 "re-export it without --no-fuse, or load it without stable_rows")
+        if stable_rows and not self.shared_buffer:
+            raise UnsupportedError(
+                "stable_rows drops each step's second row from the cache, which is free only when past and present "
+                "share one buffer, and EDGELM_KV_SHARED_BUFFER=0 turned that off (every step would copy the whole "
+                "cache): unset it, or load without stable_rows")
         self.stable_rows = stable_rows
         """Feed every one-token pass of a single sequence as two rows (see ``_step_two_rows``)."""
         self._slots = manifest.max_position_embeddings or 2**62

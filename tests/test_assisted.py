@@ -260,9 +260,13 @@ def test_stable_rows_make_a_token_the_same_in_any_pass(options, exported):
         np.testing.assert_array_equal(plain.sequences, greedy.sequences)
 
 
-def test_stable_rows_need_fused_attention_and_change_nothing_on_static_exports(exported):
+def test_stable_rows_need_fused_attention_and_change_nothing_on_static_exports(exported, monkeypatch):
     with pytest.raises(UnsupportedError, match="GroupQueryAttention.*--no-fuse"):
         CausalLM.load(exported("tiny-llama", fuse=False), stable_rows=True)
+    monkeypatch.setenv("EDGELM_KV_SHARED_BUFFER", "0")  # a copy of the cache per step: refused, with the way out
+    with pytest.raises(UnsupportedError, match="EDGELM_KV_SHARED_BUFFER=0.*unset it"):
+        CausalLM.load(exported("tiny-llama"), stable_rows=True)
+    monkeypatch.delenv("EDGELM_KV_SHARED_BUFFER")
     static = exported("tiny-llama", static_max_length=64)
     expected = CausalLM.load(static).generate(PROMPT, max_new_tokens=8, eos_token_id=None)
     np.testing.assert_array_equal(CausalLM.load(static, stable_rows=True).generate(PROMPT, max_new_tokens=8,
