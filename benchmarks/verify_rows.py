@@ -104,7 +104,10 @@ def probed_session(folder: Path, threads: int) -> tuple[ort.InferenceSession, li
 
 
 class Feeder:
-    """Runs the graph on a token list after a cache, the way the runtime feeds a causal export."""
+    """Runs the graph on a token list after a cache, the way the runtime feeds a causal export.
+
+    Its own few lines rather than the runtime's ``Decoder``: the Decoder binds only the logits, the hidden
+    state and the cache, and this needs every probed node's output back."""
 
     def __init__(self, sess: ort.InferenceSession, stable_rows: bool = False):
         self.sess = sess

@@ -109,7 +109,7 @@ def reference_key(target: Any) -> bool:
     """Which greedy a configuration must reproduce: that of a load with the same ``stable_rows`` setting (a
     stable-rows greedy may itself differ from plain greedy on a quantized target, at the near-ties where
     plain assisted decoding does)."""
-    return bool(getattr(target.decoder, "stable_rows", False))
+    return target.decoder.stable_rows
 
 
 TARGET = "target"
@@ -186,10 +186,13 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     first = np.asarray([next(iter(workloads.values()))[0]], np.int64)
     lm.generate(first, max_new_tokens=4)  # warm-up
-    if draft is not None:
-        draft.generate(first, max_new_tokens=4)
+    for other in (draft, stable):
+        if other is not None:
+            other.generate(first, max_new_tokens=4)
     step_ms = {"target": step_costs(lm, first), "draft": step_costs(draft, first) if draft is not None else None,
                "cut draft": step_costs(cut, first) if cut is not None else None}
+    if stable is not None:
+        step_ms["target, stable rows"] = step_costs(stable, first)
     rows = []
     for workload, prompts in workloads.items():
         reference: dict[tuple[bool, int], np.ndarray] = {}
@@ -231,8 +234,6 @@ def run(target_dir: str, draft_dir: str | None, runs: int = 3, new_tokens: int =
                          "whole_call_tokens_per_s": round(statistics.median(whole[name]), 2),
                          "acceptance": round(statistics.mean(accept[name]), 3) if accept[name] else None,
                          "runs": [round(t, 2) for t in times[name]]})
-    if stable is not None:
-        step_ms["target, stable rows"] = step_costs(stable, first)
     return {"target": target_dir, "draft": draft_dir, "cut_draft": cut_draft_dir, "threads": threads, "new_tokens": new_tokens, "runs": runs,
             "target_dtype": lm.manifest.dtype, "step_ms": step_ms,
             "prompts": {w: len(p) for w, p in workloads.items()}, "rows": rows}

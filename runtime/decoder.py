@@ -71,7 +71,7 @@ class Decoder:
                 "stable_rows needs attention fused into GroupQueryAttention, which `edgelm export` writes for "
                 f"Llama-family models unless --no-fuse; {self.model_file} keeps attention as plain ONNX ops: "
                 "re-export it without --no-fuse, or load it without stable_rows")
-        if stable_rows and not self.shared_buffer:
+        elif stable_rows and not self.shared_buffer:
             raise UnsupportedError(
                 "stable_rows drops each step's second row from the cache, which is free only when past and present "
                 "share one buffer, and EDGELM_KV_SHARED_BUFFER=0 turned that off (every step would copy the whole "
@@ -150,7 +150,7 @@ class Decoder:
         ids = np.concatenate([input_ids, input_ids], axis=1)
         mask = np.concatenate([attention_mask, attention_mask[:, -1:]], axis=1)
         feeds = {"input_ids": ids, "attention_mask": mask}
-        if self.has_position_ids:  # the same position twice: row 0 cannot see row 1, and no limit is passed
+        if self.has_position_ids:  # kept for the I/O contract: fused graphs take rotary positions from slots
             feeds["position_ids"] = np.concatenate([position_ids, position_ids], axis=1)
         logits, hidden = self._run(feeds, cache, want_hidden, 2, 2 if self.keeps_logits else None)
         cache.crop(cache.length - 1)
