@@ -163,6 +163,30 @@ def test_speculative_bench_checks_exactness_and_reports_every_configuration(expo
     assert "One forward pass of the draft" in bench_spec.markdown(res)
 
 
+def test_speculative_bench_stable_rows_are_checked_against_their_own_greedy(exported):
+    """bench_spec --stable-rows on a tiny int4 target: the stable rows exist for both workloads, reproduce the
+    stable load's greedy, and are timed per pass too; the exit code fails a stable row that leaves its greedy
+    on any target, and other rows only on a float32 one."""
+    from edgelm.cli import bench_spec
+
+    loop = [5, 17, 99, 3, 5, 17, 99, 3, 5, 17]
+    res = bench_spec.run(str(exported("tiny-llama", quantize="int4")), str(exported("tiny-gpt2")), runs=1,
+                         new_tokens=10, log=lambda s: None, workloads={"code completion": [loop * 2]},
+                         stable_rows=True)
+    stable = {r["config"]: r for r in res["rows"] if r["config"].endswith("stable rows")}
+    assert set(stable) == {"greedy, stable rows", "draft, 5 tokens, stable rows",
+                           "prompt lookup, heuristic from 10, stable rows"}
+    assert all(r["exact"] for r in stable.values()) and stable["draft, 5 tokens, stable rows"]["acceptance"] is not None
+    assert set(res["step_ms"]["target, stable rows"]) == set(bench_spec.STEP_TOKENS)
+    assert "One forward pass of the target, stable rows" in bench_spec.markdown(res)
+    assert bench_spec.exit_code(res) == 0
+    left = {**res, "rows": [{**r, "exact": r["config"] != "greedy"} for r in res["rows"]]}
+    assert bench_spec.exit_code(left) == 0  # int4: a plain row may leave greedy
+    assert bench_spec.exit_code({**left, "target_dtype": "float32"}) == 1
+    assert bench_spec.exit_code({**res, "rows": [{**r, "exact": not r["config"].endswith("stable rows")}
+                                                 for r in res["rows"]]}) == 1
+
+
 def test_quality_report_agrees_with_the_export_and_adds_a_held_out_text(exported):
     """The benchmark's perplexity (its own code, onnxruntime on the graph) equals what the export measured on
     the built-in text; the held-out text is other tokens, and both ratios reach the table."""
