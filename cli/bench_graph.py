@@ -16,7 +16,9 @@ graph spinning beside another's); the figure is the median over rounds of each r
 
 A GRAPH is an export folder (``model.onnx`` inside, an edgelm export or a genai build), an ``.onnx``
 file, or ``genai:PRECISION`` (fp32, int8, int4) for the build ``edgelm bench --anchors`` made of
-``--checkpoint``.
+``--checkpoint``. A graph with the greedy head (float32 edgelm exports, ``export.greedy_head``) runs
+it, as the runtime's greedy search does; ``GRAPH@full-head`` runs the same graph through its float32
+LM head instead (``bench_graph G G@full-head --pairs --interleaved`` measures what the head saves).
 """
 
 from __future__ import annotations
@@ -31,10 +33,21 @@ import time
 from pathlib import Path
 
 WARMUP_STEPS = 16
+FULL_HEAD = "@full-head"
+
+
+def _file(path: Path) -> tuple[Path, bool]:
+    """The .onnx file of a resolved GRAPH, and whether it runs its greedy head (``@full-head``: no)."""
+    text = str(path)
+    if text.endswith(FULL_HEAD):
+        return Path(text[: -len(FULL_HEAD)]), False
+    return path, True
 
 
 def resolve(spec: str, checkpoint: str | None) -> Path:
-    """The .onnx file a GRAPH argument names; a clear SystemExit when there is none."""
+    """The .onnx file a GRAPH argument names (``@full-head`` kept on its end); a clear SystemExit when there is none."""
+    if spec.endswith(FULL_HEAD):
+        return Path(str(resolve(spec[: -len(FULL_HEAD)], checkpoint)) + FULL_HEAD)
     if spec.startswith("genai:"):
         from edgelm.cli.bench import genai_build_dir
 
@@ -66,6 +79,7 @@ class _Graph:
         import onnx
         import onnxruntime as ort
 
+        path, greedy = _file(path)
         self.np = np
         self.shared = any(n.op_type == "GroupQueryAttention"
                           for n in onnx.load(str(path), load_external_data=False).graph.node)
@@ -96,6 +110,9 @@ class _Graph:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.token = np.array([[100]], np.int64)
         self.prompt = self.past = prompt
+        self.head = None
+        if any(i.name == "greedy_head" for i in self.session.get_overridable_initializers()):
+            self.head = ort.OrtValue.ortvalue_from_numpy(np.array([int(greedy)], np.int64))
 
     def step(self) -> float:
         """One decode step on the cache as it stands; its seconds inside onnxruntime's run."""
@@ -105,6 +122,10 @@ class _Graph:
             feeds["position_ids"] = np.array([[past]], np.int64)
         for key, value in feeds.items():
             self.binding.bind_cpu_input(key, value)
+        if self.head is not None:  # its outputs change size every step: bound anew, as the runtime does
+            self.binding.bind_ortvalue_input("greedy_head", self.head)
+            for out in ("greedy_ids", "greedy_logits"):
+                self.binding.bind_output(out)
         if not self.shared or past == self.prompt:  # a shared buffer is bound once, on the first step
             for name, value in self.values.items():
                 self.binding.bind_ortvalue_input(name, value)
@@ -282,7 +303,7 @@ def interleaved(pairs: list[tuple[Path, Path]], runs: int, threads: int, prompt:
 def _nodes(path: Path) -> int:
     import onnx
 
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
+    return len(onnx.load(str(_file(path)[0]), load_external_data=False).graph.node)
 
 
 def markdown(res: dict) -> str:

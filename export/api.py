@@ -146,6 +146,7 @@ def export_model(
     tokenizer_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     block_size: int | None = None,
+    greedy_head: bool = True,
 ) -> Manifest:
     """Export a checkpoint folder or GGUF file to a validated ONNX folder the runtime can load.
 
@@ -162,6 +163,11 @@ def export_model(
     halved where a matrix's input size needs it; larger blocks read fewer scales per token and lose more
     (README, Quantization, has SmolLM2's figures). The embedding / LM head table keeps 32.
 
+    ``greedy_head`` (float32 causal exports with dynamic shapes, not ``mobile``): add the greedy head
+    (``export.greedy_head``), which gives greedy search the exact argmax without reading the float32
+    LM head: an 8-bit copy of the head plus a bound, 35 MB more for SmolLM2. Quantized exports read
+    their head quantized already and go without.
+
     ``tokenizer_options``: keyword arguments for the tokenizer's ``from_pretrained`` (e.g.
     ``{"do_lower_case": False}``); the tokenizer is checked against transformers before anything else.
 
@@ -173,7 +179,7 @@ def export_model(
     """
     try:
         return _export(source, output_dir, task, overwrite, opset, resolve_quantize(quantize, source), mobile,
-                       static_max_length, fuse, max_quality_loss, tokenizer_options, log, block_size)
+                       static_max_length, fuse, max_quality_loss, tokenizer_options, log, block_size, greedy_head)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise ExportError(
@@ -185,7 +191,7 @@ def export_model(
 def _export(source: str | Path, output_dir: str | Path, task: str | None, overwrite: bool, opset: int,
             quantize: str | None, mobile: bool, static_max_length: int | None, fuse: bool | None,
             max_quality_loss: float | None, tokenizer_options: dict[str, Any] | None,
-            log: Callable[[str], None], block_size: int | None = None) -> Manifest:
+            log: Callable[[str], None], block_size: int | None = None, greedy_head: bool = True) -> Manifest:
     from edgelm.export import quant
     from edgelm.export.source import load_source
 
@@ -275,6 +281,19 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             log(f"      optimized offline: {graph_report['nodes_before']} -> {graph_report['nodes_after']} nodes "
                 f"(onnxruntime extended level; {graph_report['skip_rms_norm_fused']} residual adds fused into "
                 "SkipSimplifiedLayerNormalization)")
+        head_report = None
+        if greedy_head and not quantize and not mobile and src.task == "causal-lm" and static_max_length is None:
+            from edgelm.export import graph, onnx_files
+            from edgelm.export.greedy_head import IDS, INPUT, LOGITS, add_greedy_head
+
+            model = onnx_files.load_graph(tmp / MODEL_FILE)
+            head_report = add_greedy_head(model)
+            if head_report:
+                graph.save(model, tmp / MODEL_FILE)
+                inputs, outputs = [*inputs, INPUT], [*outputs, IDS, LOGITS]
+                log(f"      greedy head added: an 8-bit copy of the LM head and a bound ({head_report['bytes'] / 1e6:.1f} MB) "
+                    "give greedy search the float32 head's argmax without reading it")
+            del model
         log("[3/4] validating against PyTorch's outputs")
         if static_max_length is not None:
             from edgelm.export.static import check_static
@@ -352,6 +371,8 @@ def _export(source: str | Path, output_dir: str | Path, task: str | None, overwr
             manifest.validation["quantization"] = quant_report
         if graph_report:
             manifest.validation["offline_optimization"] = graph_report
+        if head_report:
+            manifest.validation["greedy_head"] = {**head_report, **report.pop("greedy_head", {})}
         if mobile_report:
             manifest.variants["ort"] = mobile_report["file"]
             manifest.validation["mobile"] = mobile_report

@@ -158,6 +158,7 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]
                 stats.present = max(stats.present, stats.rel(ours, ref_t, valid))
                 past[f"past_key_values.{i}.{kv}"] = ours
     kept = _check_logits_to_keep(sess, steps[0], stats)
+    head = _check_greedy_head(sess, steps[0], stats)
     report = {
         "steps": [s["name"] for s in steps] + (["prefill, last position's logits only"] if kept else []),
         "batch": batch,
@@ -167,6 +168,9 @@ def check_causal(onnx_path: Path, steps: list[dict[str, Any]]) -> dict[str, Any]
         "max_rel_diff_present": stats.present,
         "state_rtol": STATE_RTOL,
     }
+    if head:
+        report["steps"].append("prefill through the greedy head")
+        report["greedy_head"] = head
     _judge(report, stats.logits, max(stats.hidden, stats.present))
     return report
 
@@ -226,6 +230,32 @@ def _check_logits_to_keep(sess: Any, prefill: dict[str, Any], stats: "_Stats") -
         raise ExportError(f"logits_to_keep=1 gave logits of shape {got.shape}, expected {ref.shape}")
     stats.compare_logits(got, ref, np.ones(ref.shape[:2], bool))
     return True
+
+
+def _check_greedy_head(sess: Any, prefill: dict[str, Any], stats: "_Stats") -> dict[str, Any] | None:
+    """Rerun the prefill through the greedy head (``export.greedy_head``) at every position: its candidates' logits
+    must match PyTorch's like the full head's did, and each position's pick must be PyTorch's argmax (top-1
+    agreement is already required of the full head). None when the graph has no greedy head."""
+    from edgelm.export.greedy_head import IDS, INPUT, LOGITS
+
+    if not any(i.name == INPUT for i in sess.get_overridable_initializers()):
+        return None
+    feeds = {**prefill["feeds"], **_empty_past(prefill["presents"], prefill["feeds"]["input_ids"].shape[0]),
+             INPUT: np.array([1], np.int64)}
+    logits, ids, cand = sess.run(["logits", IDS, LOGITS], feeds)
+    ref = prefill["logits"]
+    if logits.shape[1] != 0 or cand.shape[:2] != ref.shape[:2]:
+        raise ExportError(f"the greedy head gave logits {logits.shape} and candidates {cand.shape} for a prompt of "
+                          f"{ref.shape[1]} positions; re-export with --no-greedy-head and report this")
+    valid = prefill["feeds"]["attention_mask"].astype(bool)
+    stats.compare_logits(cand, ref[:, :, ids], valid)
+    top = cand == cand.max(axis=-1, keepdims=True)
+    picks = np.where(top, ids[None, None, :], np.iinfo(np.int64).max).min(axis=-1)
+    wrong = int(((picks != ref.argmax(-1)) & valid).sum())
+    if wrong:
+        raise ExportError(f"the greedy head picked another token than PyTorch's argmax at {wrong} of {int(valid.sum())} "
+                          "positions; re-export with --no-greedy-head and report this")
+    return {"positions": int(valid.sum()), "candidates": int(ids.size)}
 
 
 def _judge(report: dict[str, Any], logits_diff: float, state_diff: float) -> None:

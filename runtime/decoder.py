@@ -14,6 +14,9 @@ from edgelm.runtime.load_cache import enabled as load_cache_enabled
 from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
+GREEDY_HEAD, GREEDY_IDS, GREEDY_LOGITS = "greedy_head", "greedy_ids", "greedy_logits"
+"""The greedy head's input and outputs (``edgelm.export.greedy_head``; the runtime never imports the exporter)."""
+
 
 class Decoder:
     """Owns the causal LM's session and knows its inputs and outputs by name.
@@ -59,7 +62,11 @@ class Decoder:
         self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         """The graph can compute the LM head for the last k positions only (edgelm exports since it was
         added; see ``export.graph.add_logits_to_keep``); others always return every position's logits."""
-        self._keep_values: dict[int, tuple[np.ndarray, object]] = {}
+        self._int_values: dict[int, tuple[np.ndarray, object]] = {}
+        self.greedy_head = GREEDY_HEAD in {i.name for i in self.session.get_overridable_initializers()} \
+            and {GREEDY_IDS, GREEDY_LOGITS} <= set(self.output_names)
+        """The graph can give greedy search's next token without its float32 LM head (``export.greedy_head``,
+        float32 exports since it was added); ``greedy_tokens`` uses it."""
         self.static = False
         self.one_row_chunks = manifest.attention == "GroupQueryAttention"
         self.shared_buffer = self.one_row_chunks and os.environ.get("EDGELM_KV_SHARED_BUFFER", "1") != "0"
@@ -130,6 +137,30 @@ class Decoder:
             logits, hidden = self._run(feeds, cache, want_hidden, new, keep if self.keeps_logits else None)
         return (logits[:, -keep:] if keep else logits), hidden  # a no-op view when the graph already kept them
 
+    def greedy_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                      cache: KVCache) -> np.ndarray:
+        """Run ``input_ids`` on top of ``cache`` like ``step``; returns the argmax of the last position's logits per row.
+
+        Through the graph's greedy head when it has one: the candidates it returns always hold the exact
+        argmax (``export.greedy_head``), so this is the full head's token without reading the float32 head.
+        Elsewhere (no head, ``stable_rows``, several tokens of several rows on a fused graph) it is the
+        full logits' argmax. A hidden state with no finite candidate (a broken model) reruns the pass with
+        the full head, so it fails or succeeds as ``step`` would.
+        """
+        new, length = input_ids.shape[1], cache.length
+        if self.greedy_head and not self.stable_rows and not (
+                self.one_row_chunks and new > 1 and input_ids.shape[0] > 1 and length > 0):
+            feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.has_position_ids:
+                feeds["position_ids"] = position_ids
+            _, _, (ids, logits) = self._run(feeds, cache, False, new, 1 if self.keeps_logits else None, greedy=True)
+            if ids.size:  # the lowest id of each row's highest logit, as argmax over the whole vocabulary picks
+                last = logits[:, -1, :]
+                top = last == last.max(axis=-1, keepdims=True)
+                return np.where(top, ids[None, :], np.iinfo(np.int64).max).min(axis=-1)
+            cache.crop(length)
+        return np.argmax(self.step(input_ids, attention_mask, position_ids, cache, keep=1)[0][:, -1, :], axis=-1)
+
     def _step_two_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache,
                        want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """A one-token pass fed as that token twice, the second row dropped: every pass then holds two rows
@@ -156,24 +187,27 @@ class Decoder:
         cache.crop(cache.length - 1)
         return logits[:, :1], (hidden[:, :1] if hidden is not None else None)
 
-    def _keep_value(self, keep: int):
-        """``logits_to_keep`` as a C-level OrtValue, made once per value (a decode step always asks for 1)."""
-        pair = self._keep_values.get(keep)
+    def _int_value(self, value: int):
+        """An int64 [1] input (``logits_to_keep``, ``greedy_head``) as a C-level OrtValue, made once per value."""
+        pair = self._int_values.get(value)
         if pair is None:  # the OrtValue wraps the array's memory, so both are kept; a race makes an equal pair twice
-            array = np.array([keep], np.int64)
-            pair = self._keep_values[keep] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)
+            array = np.array([value], np.int64)
+            pair = self._int_values[value] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)
         return pair[1]
 
     def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int,
-             keep: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             keep: int | None = None, greedy: bool = False) -> tuple:
         """One session run through the C-level IOBinding (see kv_cache's docstring for why); the cache binds
         its own past and presents and takes the outputs back.
 
         A cache may keep its binding from step to step with its buffers still bound (``SharedKVCache``,
         ``kept``): inputs and the logits are rebound by name, which replaces them in place,
-        so the outputs keep the order of the first binding: logits, the hidden state, the presents.
-        Such a binding always returns the hidden state (the graph computes it anyway), so that its
-        place never moves.
+        so the outputs keep the order of the first binding: logits, the hidden state, the greedy head's
+        candidates, the presents. Such a binding always returns the hidden state and the candidates (the
+        graph computes both anyway; the candidates are empty unless ``greedy``), so that no place moves.
+
+        Returns (logits, hidden state or None); with ``greedy`` (a graph with the greedy head), (empty logits,
+        None, (candidate ids, their logits)).
         """
         binding, kept = cache.binding(self.session)
         raw = binding._iobinding
@@ -182,18 +216,23 @@ class Decoder:
         for name, value in arrays.items():
             raw.bind_input(name, value)
         if keep is not None:  # an input with a default (an initializer): bindable only as an OrtValue
-            raw.bind_ortvalue_input("logits_to_keep", self._keep_value(keep))
+            raw.bind_ortvalue_input("logits_to_keep", self._int_value(keep))
         raw.bind_output("logits", self._cpu)
         with_hidden = want_hidden or (self.has_hidden and kept)
         if with_hidden:
             raw.bind_output("last_hidden_state", self._cpu)
+        if self.greedy_head:  # fed every run, like the inputs above: a kept binding would hold the last value
+            raw.bind_ortvalue_input(GREEDY_HEAD, self._int_value(int(greedy)))
+            raw.bind_output(GREEDY_IDS, self._cpu)
+            raw.bind_output(GREEDY_LOGITS, self._cpu)
         cache.bind(binding, self.present_names, self._cache_device, new)
         self.session.run_with_iobinding(binding)
         outs = raw.get_outputs()
-        logits = outs[0].numpy()
-        hidden = outs[1].numpy() if want_hidden else None
-        cache.adopt(outs, 2 if with_hidden else 1, new)
-        return logits, hidden
+        first = 1 + with_hidden
+        cache.adopt(outs, first + 2 * self.greedy_head, new)
+        if greedy:
+            return outs[0].numpy(), None, (outs[first].numpy(), outs[first + 1].numpy())
+        return outs[0].numpy(), (outs[1].numpy() if want_hidden else None)
 
 
 class StaticDecoder(Decoder):

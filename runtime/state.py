@@ -79,6 +79,17 @@ class DecodeState:
         self.steps += 1
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
+    def greedy_next(self) -> np.ndarray:
+        """Run the tokens the cache does not hold yet (the prompt, then each appended token); returns the argmax of
+        the last one's logits per row, through the graph's greedy head where it has one (``Decoder.greedy_tokens``).
+        For greedy search with nothing that reads the logits (``generate`` decides)."""
+        new = self.cur - self.cache.length
+        ids = self._ids[:, self.cur - new: self.cur]
+        tokens = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache)
+        self.hidden = None
+        self.steps += 1
+        return tokens
+
     def prefill(self) -> np.ndarray:
         """Run the prompt's tokens that the cache does not hold yet; logits of the last one."""
         return self.forward(self.cur - self.cache.length, keep=1)[:, -1, :]

@@ -32,10 +32,20 @@ def sample_token(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping: StoppingCriteriaList,
-        rng: np.random.Generator | None, streamer: Any = None) -> DecodeState:
-    """Decode until every row stops; finished rows are padded with ``pad_token_id`` as transformers does."""
+        rng: np.random.Generator | None, streamer: Any = None, argmax_only: bool = False) -> DecodeState:
+    """Decode until every row stops; finished rows are padded with ``pad_token_id`` as transformers does.
+
+    ``argmax_only``: greedy search where nothing reads the logits (no processors, no returned scores or
+    logits, no caller's stopping criteria, which may read them): each step asks for the next tokens only
+    (``DecodeState.greedy_next``), which a float32 export answers without its LM head. The stopping
+    criteria then see ``scores=None``, as the built-in ones allow.
+    """
     unfinished = np.ones(state.batch, dtype=bool)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    if argmax_only:
+        while not state.emit(state.greedy_next(), unfinished, pad, stopping, None, streamer):
+            pass
+        return state
     logits = state.prefill()
     while True:
         scores = processors(state.input_ids, logits)
