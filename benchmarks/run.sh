@@ -42,14 +42,18 @@ for q in gguf int8 int4 int4-b64 int8-dynamic; do
         --reference "$MODELS/smollm2-fp32"
 done
 # The graphs alone, same driver for both runtimes (no generation loop): what each runtime adds around its graph
-# is the difference between this table and the ones above.
-python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 "$MODELS/smollm2-int8" genai:int8 \
+# is the difference between this table and the ones above. The float32 graph also runs against itself through its
+# full float32 head (@full-head): what the greedy head gains a step.
+python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 \
+    "$MODELS/smollm2-fp32" "$MODELS/smollm2-fp32@full-head" "$MODELS/smollm2-int8" genai:int8 \
     "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-int4-b64" genai:int4 "$MODELS/smollm2-gguf" genai:int4 \
     --checkpoint "$CKPT" --runs "$RUNS" \
     --threads 2 --interleaved --control --profile --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
 # What the gguf build's per-block offsets cost a step (timing-only surgery; the ceiling of any faster exact form)
 python3 benchmarks/graph_ab.py "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --variants nooffsets \
     --repeats "$RUNS" | tee "$OUT/graph-ab-gguf.md"
+# The greedy head on SmolLM2's hidden states: candidates per position, the bound's slack, picks against the full head
+python3 benchmarks/greedy_head.py "$MODELS/smollm2-fp32" --threads 2 | tee "$OUT/greedy-head.md"
 python3 -m edgelm.cli.bench_chat "$MODELS/smollm2-fp32" --turns 10 --threads 2 --out "$OUT/conversation.json" \
     | tee "$OUT/conversation.md"
 echo "benchmarks: tables, JSON and plots in $OUT/" >&2

@@ -34,6 +34,7 @@ from pathlib import Path
 
 WARMUP_STEPS = 16
 FULL_HEAD = "@full-head"
+GREEDY_OUTPUTS = ("greedy_ids", "greedy_logits")
 
 
 def _file(path: Path) -> tuple[Path, bool]:
@@ -122,19 +123,21 @@ class _Graph:
             feeds["position_ids"] = np.array([[past]], np.int64)
         for key, value in feeds.items():
             self.binding.bind_cpu_input(key, value)
-        if self.head is not None:  # its outputs change size every step: bound anew, as the runtime does
-            self.binding.bind_ortvalue_input("greedy_head", self.head)
-            for out in ("greedy_ids", "greedy_logits"):
-                self.binding.bind_output(out)
-        if not self.shared or past == self.prompt:  # a shared buffer is bound once, on the first step
+        first = not self.shared or past == self.prompt  # a shared buffer is bound once, on the first step
+        if first:
             for name, value in self.values.items():
                 self.binding.bind_ortvalue_input(name, value)
-            for out in self.outputs:
-                present = out.replace("present.", "past_key_values.")
-                if self.shared and present in self.values:
+        if self.head is not None:
+            self.binding.bind_ortvalue_input("greedy_head", self.head)
+        # Outputs are bound in the graph's order (get_outputs() answers in binding order); the greedy head's
+        # change size every step, so they are bound anew each step, as the runtime does.
+        for out in self.outputs:
+            present = out.replace("present.", "past_key_values.")
+            if self.shared and present in self.values:
+                if first:
                     self.binding.bind_ortvalue_output(out, self.values[present])
-                else:
-                    self.binding.bind_output(out)
+            elif first or out in GREEDY_OUTPUTS:
+                self.binding.bind_output(out)
         start = time.perf_counter()
         self.session.run_with_iobinding(self.binding)
         elapsed = time.perf_counter() - start

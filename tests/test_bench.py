@@ -583,3 +583,28 @@ def test_verify_rows_finds_no_row_dependence_before_attention_and_none_with_stab
         verify_rows.main([str(folder), "--tokens", "1"])
     with pytest.raises(SystemExit):
         verify_rows.main([str(folder.parent)])
+
+
+def test_greedy_head_script_reads_the_heads_bound_and_picks(exported, capsys):
+    """benchmarks/greedy_head.py: on a real prefill the bound holds for every token (error below bound), the full
+    head's argmax is among each position's candidates, the picks are the full head's, and the exit code turns
+    on exactly those; a graph without the head is refused by name, and no probed copy stays behind."""
+    script = _script("greedy_head")
+    folder = exported("tiny-llama")
+    res = script.measure(folder, positions=40, threads=1)
+    assert res["positions"] == 40 and res["vocab"] > 40
+    assert 0 < res["err_over_bound"]["max"] < 1
+    assert res["argmax_among_candidates"] == 40 and res["same_pick"] == 40 and res["differing"] == []
+    assert 1 <= res["candidates"]["median"] <= res["candidates"]["max"] <= res["vocab"]
+    assert script.failures(res) == []
+    broken = {**res, "err_over_bound": {"max": 1.2, "median": 0.1}, "argmax_among_candidates": 39,
+              "differing": [{"position": 3, "greedy_head": 1, "full_head": 2, "margin": 1.0}]}
+    assert len(script.failures(broken)) == 3
+    near_tie = {**res, "differing": [{"position": 3, "greedy_head": 1, "full_head": 2, "margin": 0.0}]}
+    assert script.failures(near_tie) == []
+    assert script.main([str(folder), "--positions", "16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "candidates per position: median" in out and "same pick as the full head at 16" in out
+    assert not list(folder.glob("*.probe.onnx"))
+    with pytest.raises(SystemExit, match="no greedy head"):
+        script.main([str(exported("tiny-llama", quantize="int8"))])

@@ -29,12 +29,13 @@ def test_causal_export_validates_with_optimum_names(arch, exported):
     assert man["validation"]["passed"] is True
     assert man["validation"]["max_abs_diff_logits"] < 1e-3
     assert man["validation"]["steps"] == ["prefill", "decode0", "decode1", "decode2", "chunk",
-                                          "prefill, last position's logits only"]
+                                          "prefill, last position's logits only", "prefill through the greedy head"]
     inputs, outputs = _names(folder)
     n = man["num_layers"]
     assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    assert outputs == ["logits", "last_hidden_state"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    assert outputs == ["logits", "last_hidden_state"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")
+                                                         ] + ["greedy_ids", "greedy_logits"]
     for f in ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json"):
         assert (folder / f).is_file(), f
 
@@ -92,17 +93,17 @@ def test_logits_to_keep_is_optional_and_used_by_the_prefill(arch, exported, monk
     folder = exported(f"tiny-{arch}")
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert "logits_to_keep" not in [i.name for i in sess.get_inputs()]
-    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep", "greedy_head"]
     assert "logits_to_keep" in json.loads((folder / "edgelm.json").read_text())["inputs"]
     lm = CausalLM.load(folder)
     assert lm.decoder.keeps_logits
     asked, rows = [], []
     run = Decoder._run
 
-    def spy(self, feeds, cache, want_hidden, new, keep=None):
-        out = run(self, feeds, cache, want_hidden, new, keep)
+    def spy(self, feeds, cache, want_hidden, new, keep=None, greedy=False):
+        out = run(self, feeds, cache, want_hidden, new, keep, greedy=greedy)
         asked.append((new, keep))
-        rows.append(out[0].shape[1])
+        rows.append((out[2][1] if greedy else out[0]).shape[1])  # greedy search reads the greedy head's logits
         return out
 
     monkeypatch.setattr(Decoder, "_run", spy)
@@ -285,7 +286,8 @@ def test_optimum_export_folder_loads_and_matches(tmp_path, checkpoint, exported)
 
 
 def test_int8_export_runs_and_mostly_agrees(tmp_path, checkpoint, exported):
-    """--quantize int8 gives a smaller graph with the same I/O that the runtime drives unchanged."""
+    """--quantize int8 gives a smaller graph with the same I/O (less the greedy head, a float32 export's) that the
+    runtime drives unchanged."""
     from edgelm.export import export_model
     from edgelm.runtime import CausalLM
 
@@ -293,7 +295,8 @@ def test_int8_export_runs_and_mostly_agrees(tmp_path, checkpoint, exported):
     fp32 = exported("tiny-llama")
     fp32_bytes = sum(p.stat().st_size for p in fp32.glob("model.onnx*"))
     assert 0 < man.validation["quantization"]["weight_bytes"] < 0.6 * fp32_bytes
-    assert _names(tmp_path / "q8") == _names(fp32)
+    inputs, outputs = _names(fp32)
+    assert _names(tmp_path / "q8") == (inputs, [o for o in outputs if not o.startswith("greedy_")])
     ids = np.array([[5, 17, 99, 3]], np.int64)
     q = CausalLM.load(tmp_path / "q8").generate(ids, max_new_tokens=8, eos_token_id=None)
     f = CausalLM.load(fp32).generate(ids, max_new_tokens=8, eos_token_id=None)
