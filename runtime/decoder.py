@@ -98,6 +98,8 @@ class Decoder:
         if isinstance(vocab_dim, int) and columns and vocab_dim != columns:
             raise ModelLoadError(
                 f"the manifest says the logits have {columns} columns but the graph's have {vocab_dim}; re-export")
+        self.columns = columns or (vocab_dim if isinstance(vocab_dim, int) else None)
+        """Width of a logits row (None where neither the manifest nor the graph says)."""
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
         """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""

@@ -209,8 +209,9 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     else:
         from edgelm.runtime.strategies import sampling
 
-        argmax_only = (mode == modes.GREEDY and not processors and not stopping_criteria and not cfg.output_scores
-                       and not cfg.output_logits)
+        bans_only = all(getattr(p, "bans_only", False) for p in processors) and lm.decoder.columns
+        argmax_only = (mode == modes.GREEDY and (not processors or bans_only) and not stopping_criteria
+                       and not cfg.output_scores and not cfg.output_logits)
         _streamed(streamer, ids, lambda: sampling.run(state, cfg, processors, stopping, rng, streamer, argmax_only))
     out = _finish(state, cfg)
     if mode == modes.ASSISTED and isinstance(out, GenerateOutput):

@@ -7,6 +7,8 @@ column instead of copying the whole sequence each step; the cache is the decoder
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from edgelm.runtime.decoder import Decoder
@@ -79,15 +81,24 @@ class DecodeState:
         self.steps += 1
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
-    def greedy_next(self) -> np.ndarray:
+    def greedy_next(self, bans: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """Run the tokens the cache does not hold yet (the prompt, then each appended token); returns the argmax of
         the last one's logits per row, through the graph's greedy head where it has one (``Decoder.greedy_tokens``).
-        For greedy search with nothing that reads the logits (``generate`` decides)."""
+        For greedy search with nothing that reads the logits (``generate`` decides).
+
+        ``bans``: processors that only ban tokens (``LogitsProcessor.bans_only``). A ban never raises another
+        token, so the head's pick is theirs too unless they ban it; they are asked about the pick alone (run on
+        a row of zeros, which shows what they ban), and a banned pick reruns the pass through the full head."""
         new = self.cur - self.cache.length
         ids = self._ids[:, self.cur - new: self.cur]
         tokens = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache)
         self.hidden = None
         self.steps += 1
+        if bans:
+            banned = np.isneginf(bans(self.input_ids, np.zeros((self.batch, self.decoder.columns), np.float32)))
+            if banned[np.arange(self.batch), tokens].any():
+                self.cache.crop(self.cache.length - new)
+                tokens = np.argmax(bans(self.input_ids, self.forward(new, keep=1)[:, -1, :]), axis=-1)
         return tokens
 
     def prefill(self) -> np.ndarray:

@@ -137,6 +137,37 @@ def test_greedy_search_takes_the_head_only_where_nothing_reads_the_logits(export
     assert calls and not any(calls)  # a processor, a caller's criterion (it may read the scores)
 
 
+def test_greedy_search_keeps_the_head_under_processors_that_only_ban(exported, hf_model):
+    """min_new_tokens, suppress_tokens, bad_words_ids and no_repeat_ngram_size only ban tokens, so greedy search
+    keeps the head and asks them about its pick alone; a banned pick reruns that pass through the full head.
+    The tokens are transformers' either way; each case here bans a pick at least once."""
+    import torch
+
+    from conftest import left_pad
+    from edgelm.runtime import CausalLM
+
+    lm = CausalLM.load(exported("tiny-llama"))
+    model, _ = hf_model("tiny-llama")
+    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
+    common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+
+    def transformers(**kw):
+        with torch.no_grad():
+            return model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **common, **kw).numpy()
+
+    plain = transformers(eos_token_id=None)
+    first, third = int(plain[0, ids.shape[1]]), int(plain[0, ids.shape[1] + 2])
+    cases = [{"min_new_tokens": 12, "eos_token_id": third}, {"suppress_tokens": [first], "eos_token_id": None},
+             {"bad_words_ids": [[first]], "eos_token_id": None}, {"no_repeat_ngram_size": 1, "eos_token_id": None}]
+    calls = _recorded(lm)
+    for kw in cases:
+        calls.clear()
+        ref = transformers(**kw)
+        assert not np.array_equal(ref, plain[:, :ref.shape[1]]) or ref.shape != plain.shape, kw  # the ban bites
+        np.testing.assert_array_equal(lm.generate(ids, mask, **common, **kw), ref, err_msg=str(kw))
+        assert calls.count(True) >= 2 and False in calls, (kw, calls)  # the head, and a rerun for a banned pick
+
+
 def test_export_without_the_head_gives_the_same_tokens(exported):
     from edgelm.runtime import CausalLM
 

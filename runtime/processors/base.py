@@ -10,6 +10,12 @@ NEG_INF = -np.inf
 
 
 class LogitsProcessor:
+    bans_only = False
+    """True for a processor that only bans tokens (their scores to -inf) and leaves the others' order alone (a
+    forced token is the one survivor of a ban on all the rest): the argmax before it is then the argmax after it
+    whenever it survives. Greedy search with only such processors takes the graph's greedy head and asks them
+    about its pick alone (``DecodeState.greedy_next``)."""
+
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -28,6 +28,8 @@ class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
 
 
 class NoRepeatNGramLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, ngram_size: int):
         if not isinstance(ngram_size, (int, np.integer)) or ngram_size <= 0:
             raise GenerationConfigError(f"no_repeat_ngram_size must be a strictly positive integer, got {ngram_size!r}")
@@ -48,6 +50,8 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
 
 class NoBadWordsLogitsProcessor(LogitsProcessor):
     """Bans single tokens always, and the last token of a sequence whose prefix was just generated."""
+
+    bans_only = True
 
     def __init__(self, bad_words_ids: list[list[int]], eos_token_id: Sequence[int] = (), vocab_size: int | None = None):
         if not isinstance(bad_words_ids, list) or not bad_words_ids or not all(
@@ -78,6 +82,8 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
 
 
 class MinLengthLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, min_length: int, eos_token_id: Sequence[int]):
         if not isinstance(min_length, (int, np.integer)) or min_length < 0:
             raise GenerationConfigError(f"min_length must be a non-negative integer, got {min_length!r}")
@@ -89,6 +95,8 @@ class MinLengthLogitsProcessor(LogitsProcessor):
 
 
 class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id: Sequence[int]):
         if not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
             raise GenerationConfigError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}")
@@ -101,6 +109,8 @@ class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
 
 
 class SuppressTokensLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, suppress_tokens: Sequence[int]):
         self.tokens = [int(t) for t in suppress_tokens]
 
@@ -109,6 +119,8 @@ class SuppressTokensLogitsProcessor(LogitsProcessor):
 
 
 class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, begin_suppress_tokens: Sequence[int], begin_index: int):
         self.tokens = [int(t) for t in begin_suppress_tokens]
         self.begin_index = begin_index
@@ -118,6 +130,8 @@ class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
 
 
 class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, bos_token_id: int):
         self.bos = int(bos_token_id)
 
@@ -130,6 +144,8 @@ class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
 
 
 class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
+    bans_only = True
+
     def __init__(self, max_length: int, eos_token_id: Sequence[int]):
         self.max_length = max_length
         self.eos = list(eos_token_id)

@@ -35,15 +35,16 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
         rng: np.random.Generator | None, streamer: Any = None, argmax_only: bool = False) -> DecodeState:
     """Decode until every row stops; finished rows are padded with ``pad_token_id`` as transformers does.
 
-    ``argmax_only``: greedy search where nothing reads the logits (no processors, no returned scores or
-    logits, no caller's stopping criteria, which may read them): each step asks for the next tokens only
-    (``DecodeState.greedy_next``), which a float32 export answers without its LM head. The stopping
-    criteria then see ``scores=None``, as the built-in ones allow.
+    ``argmax_only``: greedy search where nothing reads the logits (no processors but ones that only ban
+    tokens, no returned scores or logits, no caller's stopping criteria, which may read them): each step asks
+    for the next tokens only (``DecodeState.greedy_next``, the bans consulted about its pick), which a float32
+    export answers without its LM head. The stopping criteria then see ``scores=None``, as the built-in ones
+    allow.
     """
     unfinished = np.ones(state.batch, dtype=bool)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     if argmax_only:
-        while not state.emit(state.greedy_next(), unfinished, pad, stopping, None, streamer):
+        while not state.emit(state.greedy_next(processors or None), unfinished, pad, stopping, None, streamer):
             pass
         return state
     logits = state.prefill()
