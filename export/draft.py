@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelm.export import onnx_files
+from edgelm.export import greedy_head, onnx_files
 from edgelm.export.graph import prune_unused
 from edgelm.export.quant.rewrite import MS, node_attr
 from edgelm.models.cache import atomic_dir
@@ -167,6 +167,12 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
         f"(ids below {keep} and {len(extra)} special ones)")
     model = onnx_files.load_graph(source / manifest.model_file)
     kind = cut_head(model, ids, vocab)
+    validation = dict(manifest.validation)
+    if greedy_head.remove_greedy_head(model):  # its candidates index the whole vocabulary
+        names = (greedy_head.INPUT, greedy_head.IDS, greedy_head.LOGITS)
+        draft = dataclasses.replace(draft, inputs=[n for n in draft.inputs if n not in names],
+                                    outputs=[n for n in draft.outputs if n not in names])
+        validation.pop("greedy_head", None)
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name not in (manifest.model_file, onnx_files.EXTERNAL_DATA, MANIFEST_NAME) \
@@ -175,8 +181,8 @@ def make_draft(source: str | Path, output_dir: str | Path, keep: int, overwrite:
         onnx_files.save(model, tmp / manifest.model_file)
         log(f"[2/3] checking the cut head ({kind}) against the source's logits")
         worst = check_against_source(source, manifest, tmp, draft, ids)
-        draft.validation = {**manifest.validation, "draft_head": {"kept": len(ids), "of": vocab,
-                                                                   "max_rel_diff_vs_source": worst}}
+        draft.validation = {**validation, "draft_head": {"kept": len(ids), "of": vocab,
+                                                          "max_rel_diff_vs_source": worst}}
         (tmp / MANIFEST_NAME).write_text(draft.to_json())
         log(f"[3/3] wrote {output_dir} (logits equal the source's at the kept ids: max relative difference {worst:.1e})")
     return draft

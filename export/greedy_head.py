@@ -50,7 +50,8 @@ from onnx import helper, numpy_helper
 
 from edgelm.export.onnx_files import array
 
-__all__ = ["INPUT", "IDS", "LOGITS", "BLOCK", "add_greedy_head", "bound_matrix", "quantize_rows"]
+__all__ = ["INPUT", "IDS", "LOGITS", "BLOCK", "add_greedy_head", "remove_greedy_head", "bound_matrix",
+           "quantize_rows"]
 
 INPUT = "greedy_head"
 IDS = "greedy_ids"
@@ -183,3 +184,20 @@ def add_greedy_head(model: onnx.ModelProto) -> dict[str, Any] | None:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     size = codes.nbytes + scales.nbytes + g.nbytes
     return {"bits": 8, "block_size": BLOCK, "bytes": int(size), "vocab": int(vocab)}
+
+
+def remove_greedy_head(model: onnx.ModelProto) -> bool:
+    """Take the greedy head out of ``model`` in place (its switch kept as the constant 0, its nodes pruned);
+    False when it has none. ``edgelm draft`` does so: its candidates index the whole vocabulary, which a cut
+    head no longer covers, and a draft is only ever read through its logits."""
+    from edgelm.export.graph import prune_unused
+
+    graph = model.graph
+    if not any(t.name == INPUT for t in graph.initializer):
+        return False
+    for field in (graph.input, graph.output):
+        kept = [v for v in field if v.name not in (INPUT, IDS, LOGITS)]
+        del field[:]
+        field.extend(kept)
+    prune_unused(graph)
+    return True

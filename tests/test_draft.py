@@ -131,3 +131,24 @@ def test_draft_command(exported, tmp_path, capsys):
     assert json.loads((tmp_path / "d" / "edgelm.json").read_text())["draft_vocab"]["first"] == 300
     assert main(["draft", str(exported("tiny-llama", quantize="int4")), str(tmp_path / "d"), "--keep", "300"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_draft_of_a_float32_export_leaves_the_greedy_head_out(drafts):
+    """The greedy head's candidates index the whole vocabulary, which a cut head no longer covers: the draft
+    drops it (input, outputs, its 8-bit table and bound) and says so in its manifest; its logits stay the
+    source's at the kept ids (the test above)."""
+    source, folder = drafts["none"]
+    src, man = (json.loads((f / "edgelm.json").read_text()) for f in (source, folder))
+    assert "greedy_head" in src["inputs"] and "greedy_head" in src["validation"]
+    assert not {"greedy_head", "greedy_ids", "greedy_logits"} & set(man["inputs"] + man["outputs"])
+    assert "greedy_head" not in man["validation"]
+    assert not CausalLM.load(folder).decoder.greedy_head and CausalLM.load(source).decoder.greedy_head
+
+    def head_bytes(f):  # the greedy head's tables (its switch and the gate on the logits stay, a few bytes)
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(f / "model.onnx"))
+        return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name.startswith("greedy_head"))
+
+    assert head_bytes(source) > 0.9 * src["validation"]["greedy_head"]["bytes"] and head_bytes(folder) < 64
