@@ -27,9 +27,7 @@ explain (1e-4 of the logits' spread).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgelm.export.greedy_head import IDS, INPUT, LOGITS
+from edgelm.export.onnx_files import session_on_edit
 from edgelm.export.quant.calibrate import builtin_text
+from edgelm.runtime.decoder import greedy_picks
 
 PROBES = ("greedy_head/approx", "greedy_head/bound")
 
@@ -56,15 +56,7 @@ def _session(folder: Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    # The copy sits beside the original so that its external data paths resolve; it is removed as soon as
-    # the session holds the graph.
-    fd, tmp = tempfile.mkstemp(suffix=".probe.onnx", dir=folder)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        return ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
-    finally:
-        os.remove(tmp)
+    return session_on_edit(model, folder, opts)
 
 
 def measure(folder: Path, positions: int = 256, threads: int = 2) -> dict:
@@ -95,7 +87,7 @@ def measure(folder: Path, positions: int = 256, threads: int = 2) -> dict:
     if int(counts.sum()) != cand_ids.size:
         raise SystemExit(f"greedy_head: the graph returned {cand_ids.size} candidates, its rule gives {int(counts.sum())}")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    picks = np.array([cand_ids[s + int(np.argmax(cand[p, s:s + c]))] for p, (s, c) in enumerate(zip(starts, counts))])
+    picks = greedy_picks(cand_ids, cand)  # as the runtime picks: every position's row holds all candidates' logits
     best = full.argmax(-1)
     top2 = np.sort(full, axis=-1)[:, -2:]
     margins = top2[:, 1] - top2[:, 0]

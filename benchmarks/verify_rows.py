@@ -25,14 +25,14 @@ does when a model is loaded with ``stable_rows``: then no node and no logit shou
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from edgelm.export.onnx_files import session_on_edit
 
 # Output type of an operator when it is not its first input's (the rule for every other operator here).
 _INT64_OPS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
@@ -91,16 +91,7 @@ def probed_session(folder: Path, threads: int) -> tuple[ort.InferenceSession, li
     model.graph.output.extend(helper.make_tensor_value_info(p, TensorProto.FLOAT, None) for p in probes)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    # The probed copy sits beside the original so that its external data paths resolve; it is removed as
-    # soon as the session holds the graph.
-    fd, tmp = tempfile.mkstemp(suffix=".probe.onnx", dir=folder)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        sess = ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
-    finally:
-        os.remove(tmp)
-    return sess, probes, op_of
+    return session_on_edit(model, folder, opts), probes, op_of
 
 
 class Feeder:

@@ -32,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from edgelm.runtime.decoder import GREEDY_HEAD, GREEDY_IDS, GREEDY_LOGITS
+
 WARMUP_STEPS = 16
 FULL_HEAD = "@full-head"
-GREEDY_OUTPUTS = ("greedy_ids", "greedy_logits")
 
 
 def _file(path: Path) -> tuple[Path, bool]:
@@ -112,7 +113,7 @@ class _Graph:
         self.token = np.array([[100]], np.int64)
         self.prompt = self.past = prompt
         self.head = None
-        if any(i.name == "greedy_head" for i in self.session.get_overridable_initializers()):
+        if any(i.name == GREEDY_HEAD for i in self.session.get_overridable_initializers()):
             self.head = ort.OrtValue.ortvalue_from_numpy(np.array([int(greedy)], np.int64))
 
     def step(self) -> float:
@@ -128,7 +129,7 @@ class _Graph:
             for name, value in self.values.items():
                 self.binding.bind_ortvalue_input(name, value)
         if self.head is not None:
-            self.binding.bind_ortvalue_input("greedy_head", self.head)
+            self.binding.bind_ortvalue_input(GREEDY_HEAD, self.head)
         # Outputs are bound in the graph's order (get_outputs() answers in binding order); the greedy head's
         # change size every step, so they are bound anew each step, as the runtime does.
         for out in self.outputs:
@@ -136,7 +137,7 @@ class _Graph:
             if self.shared and present in self.values:
                 if first:
                     self.binding.bind_ortvalue_output(out, self.values[present])
-            elif first or out in GREEDY_OUTPUTS:
+            elif first or out in (GREEDY_IDS, GREEDY_LOGITS):
                 self.binding.bind_output(out)
         start = time.perf_counter()
         self.session.run_with_iobinding(self.binding)

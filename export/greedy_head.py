@@ -49,13 +49,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgelm.export.onnx_files import array
+from edgelm.runtime.decoder import GREEDY_HEAD as INPUT
+from edgelm.runtime.decoder import GREEDY_IDS as IDS
+from edgelm.runtime.decoder import GREEDY_LOGITS as LOGITS
 
 __all__ = ["INPUT", "IDS", "LOGITS", "BLOCK", "add_greedy_head", "remove_greedy_head", "bound_matrix",
            "quantize_rows"]
 
-INPUT = "greedy_head"
-IDS = "greedy_ids"
-LOGITS = "greedy_logits"
 BLOCK = 32
 """Block of the 8-bit copy; the activation quantization of ``accuracy_level`` 4 follows the same blocks."""
 _MARGIN = 1.01

@@ -166,3 +166,18 @@ def _publish(tmp: str, final: Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, final)
+
+
+def session_on_edit(model: onnx.ModelProto, folder: str | Path, options: object = None) -> object:
+    """An onnxruntime CPU session on ``model``, an edited copy of ``folder``'s graph loaded without its weights
+    (benchmark probes: inner values made outputs). The copy is saved beside the original so that its external
+    data paths resolve, and removed as soon as the session holds the graph; the folder is left as it was."""
+    import onnxruntime as ort
+
+    fd, tmp = tempfile.mkstemp(suffix=".probe.onnx", dir=folder)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        return ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
+    finally:
+        os.remove(tmp)

@@ -44,6 +44,11 @@ def _positions(mask: np.ndarray, new: int) -> np.ndarray:
     return pos[:, -new:].astype(np.int64)
 
 
+def _decided(margin: Any, tol: float) -> Any:
+    """Positions whose top-2 margin (PyTorch's) decides the argmax: a near-tie may flip either way."""
+    return margin > 2 * tol
+
+
 class _Stats:
     def __init__(self) -> None:
         self.logits = 0.0
@@ -63,7 +68,7 @@ class _Stats:
 
     def logits_report(self) -> dict[str, Any]:
         tol = max(LOGITS_ATOL, LOGITS_RTOL * self.spread)
-        decided = [same for same, margin in self.top1 if margin > 2 * tol]  # near-ties may flip either way
+        decided = [same for same, margin in self.top1 if _decided(margin, tol)]
         return {"max_abs_diff_logits": self.logits, "logits_atol": round(tol, 6), "logits_spread": round(self.spread, 3),
                 "logits_margin_used": round(self.logits / tol, 3),
                 "top1_agreement": round(sum(decided) / len(decided), 4) if decided else 1.0,
@@ -239,6 +244,7 @@ def _check_greedy_head(sess: Any, prefill: dict[str, Any], tol: float) -> dict[s
     margin over twice the tolerance: a near tie may flip either way, as in the full head's check). None when the
     graph has no greedy head."""
     from edgelm.export.greedy_head import IDS, INPUT, LOGITS
+    from edgelm.runtime.decoder import greedy_picks
 
     if not any(i.name == INPUT for i in sess.get_overridable_initializers()):
         return None
@@ -253,11 +259,9 @@ def _check_greedy_head(sess: Any, prefill: dict[str, Any], tol: float) -> dict[s
     best = ref.argmax(-1)
     missing = int((~np.isin(best, ids) & valid).sum())
     diff = float(np.abs(cand - ref[:, :, ids])[valid].max()) if ids.size else float("inf")
-    top = cand == cand.max(axis=-1, keepdims=True)
-    picks = np.where(top, ids[None, None, :], np.iinfo(np.int64).max).min(axis=-1)
     top2 = np.sort(ref, axis=-1)[..., -2:]
-    decided = valid & (top2[..., 1] - top2[..., 0] > 2 * tol)
-    wrong = int(((picks != best) & decided).sum())
+    decided = valid & _decided(top2[..., 1] - top2[..., 0], tol)
+    wrong = int(((greedy_picks(ids, cand) != best) & decided).sum())
     if missing or wrong or diff > tol:
         raise ExportError(f"the greedy head failed its check against PyTorch over {int(valid.sum())} positions: argmax "
                           f"not among its candidates at {missing}, another pick at {wrong}, candidate logits max abs "

@@ -15,6 +15,14 @@ from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
 GREEDY_HEAD, GREEDY_IDS, GREEDY_LOGITS = "greedy_head", "greedy_ids", "greedy_logits"
+
+
+def greedy_picks(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The greedy head's token for each row of ``logits`` (..., n) over its candidates ``ids`` (n,): the lowest id
+    among the highest logits, which is what argmax over the whole vocabulary picks (``ids`` may repeat a token and
+    are not sorted across rows, so the position of the maximum alone would not do)."""
+    top = logits == logits.max(axis=-1, keepdims=True)
+    return np.where(top, ids, np.iinfo(np.int64).max).min(axis=-1)
 """The greedy head's input and outputs (``edgelm.export.greedy_head``; the runtime never imports the exporter)."""
 
 
@@ -156,10 +164,8 @@ class Decoder:
             if self.has_position_ids:
                 feeds["position_ids"] = position_ids
             _, _, (ids, logits) = self._run(feeds, cache, False, new, 1 if self.keeps_logits else None, greedy=True)
-            if ids.size:  # the lowest id of each row's highest logit, as argmax over the whole vocabulary picks
-                last = logits[:, -1, :]
-                top = last == last.max(axis=-1, keepdims=True)
-                return np.where(top, ids[None, :], np.iinfo(np.int64).max).min(axis=-1)
+            if ids.size:
+                return greedy_picks(ids, logits[:, -1, :])
             cache.crop(length)
         return np.argmax(self.step(input_ids, attention_mask, position_ids, cache, keep=1)[0][:, -1, :], axis=-1)
 

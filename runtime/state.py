@@ -42,6 +42,8 @@ class DecodeState:
         self.raw_logits: list[np.ndarray] = []
         self.hidden: np.ndarray | None = None
         self.steps = 0
+        self._no_scores: np.ndarray | None = None
+        """A row of zeros per sequence, what ``greedy_next`` shows ban-only processors to learn what they ban."""
 
     @property
     def batch(self) -> int:
@@ -95,8 +97,10 @@ class DecodeState:
         self.hidden = None
         self.steps += 1
         if bans:
-            banned = np.isneginf(bans(self.input_ids, np.zeros((self.batch, self.decoder.columns), np.float32)))
-            if banned[np.arange(self.batch), tokens].any():
+            if self._no_scores is None or self._no_scores.shape[0] != self.batch:  # never written: bans copy
+                self._no_scores = np.zeros((self.batch, self.decoder.columns), np.float32)
+            probe = bans(self.input_ids, self._no_scores)
+            if np.isneginf(probe[np.arange(self.batch), tokens]).any():
                 self.cache.crop(self.cache.length - new)
                 tokens = np.argmax(bans(self.input_ids, self.forward(new, keep=1)[:, -1, :]), axis=-1)
         return tokens
