@@ -148,8 +148,9 @@ class Decoder:
         return (logits[:, -keep:] if keep else logits), hidden  # a no-op view when the graph already kept them
 
     def greedy_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                      cache: KVCache) -> np.ndarray:
-        """Run ``input_ids`` on top of ``cache`` like ``step``; returns the argmax of the last position's logits per row.
+                      cache: KVCache) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``input_ids`` on top of ``cache`` like ``step``; returns the argmax of the last position's logits per
+        row, and those logits (rows, vocab) where the pass computed them (None through the greedy head).
 
         Through the graph's greedy head when it has one: the candidates it returns always hold the exact
         argmax (``export.greedy_head``), so this is the full head's token without reading the float32 head.
@@ -165,9 +166,10 @@ class Decoder:
                 feeds["position_ids"] = position_ids
             _, _, (ids, logits) = self._run(feeds, cache, False, new, 1 if self.keeps_logits else None, greedy=True)
             if ids.size:
-                return greedy_picks(ids, logits[:, -1, :])
+                return greedy_picks(ids, logits[:, -1, :]), None
             cache.crop(length)
-        return np.argmax(self.step(input_ids, attention_mask, position_ids, cache, keep=1)[0][:, -1, :], axis=-1)
+        logits = self.step(input_ids, attention_mask, position_ids, cache, keep=1)[0][:, -1, :]
+        return np.argmax(logits, axis=-1), logits
 
     def _step_two_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache,
                        want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -209,10 +209,9 @@ def generate(lm: Any, input_ids: Any = None, attention_mask: Any = None, generat
     else:
         from edgelm.runtime.strategies import sampling
 
-        # Bans are asked about the greedy head's pick; a graph without the head reads its logits anyway.
-        bans_only = lm.decoder.greedy_head and lm.decoder.columns and all(getattr(p, "bans_only", False)
-                                                                         for p in processors)
-        argmax_only = (mode == modes.GREEDY and (not processors or bans_only) and not stopping_criteria
+        # Processors that only ban tokens are asked about the argmax alone (``DecodeState.greedy_next``).
+        argmax_only = (mode == modes.GREEDY and (not processors or (lm.decoder.columns and processors.bans_only))
+                       and not stopping_criteria
                        and not cfg.output_scores and not cfg.output_logits)
         _streamed(streamer, ids, lambda: sampling.run(state, cfg, processors, stopping, rng, streamer, argmax_only))
     out = _finish(state, cfg)

@@ -7,11 +7,10 @@ column instead of copying the whole sequence each step; the cache is the decoder
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from edgelm.runtime.decoder import Decoder
+from edgelm.runtime.processors import LogitsProcessorList
 
 
 class DecodeState:
@@ -42,8 +41,6 @@ class DecodeState:
         self.raw_logits: list[np.ndarray] = []
         self.hidden: np.ndarray | None = None
         self.steps = 0
-        self._no_scores: np.ndarray | None = None
-        """A row of zeros per sequence, what ``greedy_next`` shows ban-only processors to learn what they ban."""
 
     @property
     def batch(self) -> int:
@@ -83,26 +80,25 @@ class DecodeState:
         self.steps += 1
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
-    def greedy_next(self, bans: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    def greedy_next(self, bans: LogitsProcessorList | None = None) -> np.ndarray:
         """Run the tokens the cache does not hold yet (the prompt, then each appended token); returns the argmax of
         the last one's logits per row, through the graph's greedy head where it has one (``Decoder.greedy_tokens``).
         For greedy search with nothing that reads the logits (``generate`` decides).
 
         ``bans``: processors that only ban tokens (``LogitsProcessor.bans_only``). A ban never raises another
-        token, so the head's pick is theirs too unless they ban it; they are asked about the pick alone (run on
-        a row of zeros, which shows what they ban), and a banned pick reruns the pass through the full head."""
+        token, so the argmax is theirs too unless they ban it; they are asked about the pick alone
+        (``LogitsProcessorList.banned``), and only a banned pick has them run over the logits: the ones the
+        pass returned, or, through the greedy head, a rerun of the pass with the full head."""
         new = self.cur - self.cache.length
         ids = self._ids[:, self.cur - new: self.cur]
-        tokens = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache)
+        tokens, logits = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache)
         self.hidden = None
         self.steps += 1
-        if bans:
-            if self._no_scores is None or self._no_scores.shape[0] != self.batch:  # never written: bans copy
-                self._no_scores = np.zeros((self.batch, self.decoder.columns), np.float32)
-            probe = bans(self.input_ids, self._no_scores)
-            if np.isneginf(probe[np.arange(self.batch), tokens]).any():
+        if bans and bans.banned(self.input_ids, tokens, self.decoder.columns).any():
+            if logits is None:
                 self.cache.crop(self.cache.length - new)
-                tokens = np.argmax(bans(self.input_ids, self.forward(new, keep=1)[:, -1, :]), axis=-1)
+                logits = self.forward(new, keep=1)[:, -1, :]
+            tokens = np.argmax(bans(self.input_ids, logits.astype(np.float32, copy=False)), axis=-1)
         return tokens
 
     def prefill(self) -> np.ndarray:

@@ -168,6 +168,50 @@ def test_greedy_search_keeps_the_head_under_processors_that_only_ban(exported, h
         assert calls.count(True) >= 2 and False in calls, (kw, calls)  # the head, and a rerun for a banned pick
 
 
+def test_greedy_search_without_the_head_asks_the_bans_about_its_argmax(exported, hf_model):
+    """A graph without the head (quantized exports, --no-greedy-head) returns its logits; greedy search with
+    ban-only processors takes their argmax, asks the processors about that token alone, and runs them over the
+    logits only when they ban it. Tokens equal transformers' with each ban biting; the processors ran over
+    logits on some steps, not all."""
+    import torch
+
+    from conftest import left_pad
+    from edgelm.runtime import CausalLM
+    from edgelm.runtime.processors import LogitsProcessorList
+
+    lm = CausalLM.load(exported("tiny-llama", greedy_head=False))
+    assert not lm.decoder.greedy_head
+    model, _ = hf_model("tiny-llama")
+    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
+    common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+
+    def transformers(**kw):
+        with torch.no_grad():
+            return model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **common, **kw).numpy()
+
+    plain = transformers(eos_token_id=None)
+    first, third = int(plain[0, ids.shape[1]]), int(plain[0, ids.shape[1] + 2])
+    cases = [{"min_new_tokens": 12, "eos_token_id": third}, {"suppress_tokens": [first], "eos_token_id": None},
+             {"bad_words_ids": [[first]], "eos_token_id": None}, {"no_repeat_ngram_size": 1, "eos_token_id": None}]
+    processed = []
+    call = LogitsProcessorList.__call__
+
+    def counting(self, input_ids, scores):
+        processed.append(input_ids.shape[1])
+        return call(self, input_ids, scores)
+
+    LogitsProcessorList.__call__ = counting
+    try:
+        for kw in cases:
+            processed.clear()
+            ref = transformers(**kw)
+            assert not np.array_equal(ref, plain[:, :ref.shape[1]]) or ref.shape != plain.shape, kw  # the ban bites
+            np.testing.assert_array_equal(lm.generate(ids, mask, **common, **kw), ref, err_msg=str(kw))
+            assert 0 < len(processed) < ref.shape[1] - ids.shape[1], (kw, processed)
+    finally:
+        LogitsProcessorList.__call__ = call
+
+
 def test_export_without_the_head_gives_the_same_tokens(exported):
     from edgelm.runtime import CausalLM
 

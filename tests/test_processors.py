@@ -96,6 +96,58 @@ def test_bad_words_match_transformers(seed):
     assert np.isneginf(mine[:, 11]).all() and not np.isneginf(mine[:, 7]).any()  # eos is never banned alone
 
 
+BANS = [  # (processor, input length at which it bans): every ban-only processor; the length-bound ones stop a step later
+    ("no_repeat_ngram", lambda: ours.NoRepeatNGramLogitsProcessor(3), 12),
+    ("bad_words", lambda: ours.NoBadWordsLogitsProcessor([[11], [5, 5], [0, 0, 13]], EOS, VOCAB), 12),
+    ("min_length", lambda: ours.MinLengthLogitsProcessor(13, EOS), 12),  # bans at 12 tokens, not at 13
+    ("min_new_tokens", lambda: ours.MinNewTokensLengthLogitsProcessor(8, 5, EOS), 12),
+    ("suppress", lambda: ours.SuppressTokensLogitsProcessor([1, 5, 9]), 12),
+    ("begin_suppress", lambda: ours.SuppressTokensAtBeginLogitsProcessor([4, 6], 12), 12),
+    ("forced_bos", lambda: ours.ForcedBOSTokenLogitsProcessor(3), 1),
+    ("forced_eos", lambda: ours.ForcedEOSTokenLogitsProcessor(13, EOS), 12),
+]
+
+
+@pytest.mark.parametrize("name,make,length", BANS, ids=[b[0] for b in BANS])
+def test_banned_answers_what_the_processor_bans(name, make, length):
+    """``banned`` (what greedy search asks about its pick) agrees with the processor's own scores for every token
+    of the vocabulary, in a state where it bans and one step later; the scores themselves are checked against
+    transformers above."""
+    proc = make()
+    assert proc.bans_only
+    ids, scores = _inputs(4)
+    ids = np.ascontiguousarray(ids[:, :length])
+    ids[1, -2:] = 5  # row 1 ends with a bad word's prefix ([5, 5] bans 5), row 2 with another's ([0, 0, 13])
+    ids[2, -2:] = 0
+    bit = False
+    for state in (ids, np.concatenate([ids, ids[:, -1:]], axis=1)):
+        banned_scores = np.isneginf(proc(state, scores.copy()))
+        bit |= banned_scores.any()
+        rows = np.arange(state.shape[0])
+        for token in range(VOCAB):
+            tokens = np.full(state.shape[0], token, np.int64)
+            np.testing.assert_array_equal(proc.banned(state, tokens, VOCAB), banned_scores[rows, token],
+                                          err_msg=f"{name}, token {token}, length {state.shape[1]}")
+    assert bit, name  # the state was one where the processor bans
+
+
+def test_banned_falls_back_to_the_processors_scores():
+    """A ban-only processor with no rule of its own is asked through its scores on a row of zeros."""
+
+    class BanOdd(ours.LogitsProcessor):
+        bans_only = True
+
+        def __call__(self, input_ids, scores):
+            out = scores.copy()
+            out[:, 1::2] = ours.NEG_INF
+            return out
+
+    lst = ours.LogitsProcessorList([ours.SuppressTokensLogitsProcessor([4]), BanOdd()])
+    assert lst.bans_only and not ours.LogitsProcessorList([ours.TemperatureLogitsWarper(0.5)]).bans_only
+    ids = np.zeros((3, 5), np.int64)
+    np.testing.assert_array_equal(lst.banned(ids, np.array([3, 4, 6]), VOCAB), [True, True, False])
+
+
 SETTINGS = [
     dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9),
     dict(do_sample=True, top_k=0, min_p=0.05, repetition_penalty=1.2, no_repeat_ngram_size=2),

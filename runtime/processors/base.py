@@ -13,11 +13,22 @@ class LogitsProcessor:
     bans_only = False
     """True for a processor that only bans tokens (their scores to -inf) and leaves the others' order alone (a
     forced token is the one survivor of a ban on all the rest): the argmax before it is then the argmax after it
-    whenever it survives. Greedy search with only such processors takes the graph's greedy head and asks them
-    about its pick alone (``DecodeState.greedy_next``)."""
+    whenever it survives. Greedy search with only such processors takes the argmax first (through the graph's
+    greedy head where it has one) and asks them about that pick alone (``banned``, ``DecodeState.greedy_next``)."""
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def banned(self, input_ids: np.ndarray, tokens: np.ndarray, columns: int) -> np.ndarray:
+        """(rows,) bool: whether this ban-only processor bans ``tokens[r]`` for row ``r``.
+
+        The ban processors answer from their rule in O(banned tokens), which is what makes asking about the
+        pick cheaper than processing a vocabulary-wide row each greedy step (a copy of SmolLM2's 49,152 scores
+        cost more than the rest of the step's Python). This fallback learns the answer by running the
+        processor on a row of zeros ``columns`` wide, so a ban-only processor without a rule of its own still
+        answers right."""
+        rows = np.arange(tokens.shape[0])
+        return np.isneginf(self(input_ids, np.zeros((tokens.shape[0], columns), np.float32))[rows, tokens])
 
 
 class LogitsProcessorList(list):
@@ -27,6 +38,19 @@ class LogitsProcessorList(list):
         for proc in self:
             scores = proc(input_ids, scores)
         return scores
+
+    @property
+    def bans_only(self) -> bool:
+        """Every processor only bans tokens (an empty list bans none)."""
+        return all(getattr(proc, "bans_only", False) for proc in self)
+
+    def banned(self, input_ids: np.ndarray, tokens: np.ndarray, columns: int) -> np.ndarray:
+        """(rows,) bool: some processor bans ``tokens[r]`` for row ``r`` (every processor ``bans_only``). Bans
+        only remove tokens, so a token none of them bans keeps its score through all of them."""
+        out = np.zeros(tokens.shape[0], dtype=bool)
+        for proc in self:
+            out |= proc.banned(input_ids, tokens, columns)
+        return out
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -49,6 +73,11 @@ def kth_largest(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, scores.shape[-1])
     part = np.partition(scores, scores.shape[-1] - k, axis=-1)
     return part[:, scores.shape[-1] - k][:, None]
+
+
+def among(tokens: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """(rows,) bool: ``tokens[r]`` is one of ``token_ids`` (a handful); np.isin's set machinery costs 5x this."""
+    return (tokens[:, None] == token_ids[None, :]).any(axis=1)
 
 
 def ban(scores: np.ndarray, token_ids: Sequence[int]) -> np.ndarray:

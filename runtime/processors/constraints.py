@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from edgelm.runtime.errors import GenerationConfigError
-from edgelm.runtime.processors.base import LogitsProcessor, NEG_INF, ban, log_softmax
+from edgelm.runtime.processors.base import LogitsProcessor, NEG_INF, among, ban, log_softmax
 
 
 class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
@@ -35,17 +35,28 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
             raise GenerationConfigError(f"no_repeat_ngram_size must be a strictly positive integer, got {ngram_size!r}")
         self.n = int(ngram_size)
 
-    def __call__(self, input_ids, scores):
+    def _banned_rows(self, input_ids: np.ndarray) -> list[list[int]]:
+        """Per row, the tokens that would complete an n-gram the row already holds."""
         cur_len = input_ids.shape[1]
         if cur_len + 1 < self.n:
+            return [[] for _ in range(input_ids.shape[0])]
+        out = []
+        for seq in input_ids.tolist():
+            prefix = tuple(seq[cur_len + 1 - self.n: cur_len])
+            out.append([seq[i + self.n - 1] for i in range(cur_len - self.n + 1) if tuple(seq[i: i + self.n - 1]) == prefix])
+        return out
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] + 1 < self.n:
             return scores
         out = scores.copy()
-        for row, seq in enumerate(input_ids.tolist()):
-            prefix = tuple(seq[cur_len + 1 - self.n: cur_len])
-            banned = [seq[i + self.n - 1] for i in range(cur_len - self.n + 1) if tuple(seq[i: i + self.n - 1]) == prefix]
+        for row, banned in enumerate(self._banned_rows(input_ids)):
             if banned:
                 out[row, banned] = NEG_INF
         return out
+
+    def banned(self, input_ids, tokens, columns):
+        return np.array([int(t) in banned for t, banned in zip(tokens.tolist(), self._banned_rows(input_ids))], bool)
 
 
 class NoBadWordsLogitsProcessor(LogitsProcessor):
@@ -67,6 +78,7 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
             if bad:
                 raise GenerationConfigError(f"bad_words_ids holds token ids outside the vocabulary (size {vocab_size}): {bad}")
         self.single = sorted({s[0] for s in seqs if len(s) == 1})
+        self._single = np.asarray(self.single, np.int64)
         self.multi = [s for s in seqs if len(s) > 1]
 
     def __call__(self, input_ids, scores):
@@ -76,9 +88,20 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
         for seq in self.multi:
             if len(seq) > input_ids.shape[1]:
                 continue
-            match = np.all(input_ids[:, -(len(seq) - 1):] == np.asarray(seq[:-1]), axis=1)
-            bias[match, seq[-1]] += NEG_INF
+            bias[self._matches(input_ids, seq), seq[-1]] += NEG_INF
         return scores + bias
+
+    @staticmethod
+    def _matches(input_ids: np.ndarray, seq: list[int]) -> np.ndarray:
+        """(rows,) bool: the row ends with ``seq`` but its last token, which is then banned."""
+        return np.all(input_ids[:, -(len(seq) - 1):] == np.asarray(seq[:-1]), axis=1)
+
+    def banned(self, input_ids, tokens, columns):
+        out = among(tokens, self._single)
+        for seq in self.multi:
+            if len(seq) <= input_ids.shape[1]:
+                out |= (tokens == seq[-1]) & self._matches(input_ids, seq)
+        return out
 
 
 class MinLengthLogitsProcessor(LogitsProcessor):
@@ -89,9 +112,13 @@ class MinLengthLogitsProcessor(LogitsProcessor):
             raise GenerationConfigError(f"min_length must be a non-negative integer, got {min_length!r}")
         self.min_length = int(min_length)
         self.eos = list(eos_token_id)
+        self._eos = np.asarray(self.eos, np.int64)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.eos) if input_ids.shape[-1] < self.min_length else scores
+
+    def banned(self, input_ids, tokens, columns):
+        return among(tokens, self._eos) & (input_ids.shape[-1] < self.min_length)
 
 
 class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
@@ -103,9 +130,13 @@ class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
         self.skip = int(prompt_length_to_skip)
         self.min_new_tokens = int(min_new_tokens)
         self.eos = list(eos_token_id)
+        self._eos = np.asarray(self.eos, np.int64)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.eos) if input_ids.shape[-1] - self.skip < self.min_new_tokens else scores
+
+    def banned(self, input_ids, tokens, columns):
+        return among(tokens, self._eos) & (input_ids.shape[-1] - self.skip < self.min_new_tokens)
 
 
 class SuppressTokensLogitsProcessor(LogitsProcessor):
@@ -113,9 +144,13 @@ class SuppressTokensLogitsProcessor(LogitsProcessor):
 
     def __init__(self, suppress_tokens: Sequence[int]):
         self.tokens = [int(t) for t in suppress_tokens]
+        self._tokens = np.asarray(self.tokens, np.int64)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.tokens) if self.tokens else scores
+
+    def banned(self, input_ids, tokens, columns):
+        return among(tokens, self._tokens)
 
 
 class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
@@ -123,10 +158,14 @@ class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
 
     def __init__(self, begin_suppress_tokens: Sequence[int], begin_index: int):
         self.tokens = [int(t) for t in begin_suppress_tokens]
+        self._tokens = np.asarray(self.tokens, np.int64)
         self.begin_index = begin_index
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.tokens) if input_ids.shape[-1] == self.begin_index and self.tokens else scores
+
+    def banned(self, input_ids, tokens, columns):
+        return among(tokens, self._tokens) & (input_ids.shape[-1] == self.begin_index)
 
 
 class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
@@ -142,6 +181,9 @@ class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
         out[:, self.bos] = 0
         return out
 
+    def banned(self, input_ids, tokens, columns):
+        return (tokens != self.bos) & (input_ids.shape[-1] == 1)
+
 
 class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
     bans_only = True
@@ -151,6 +193,7 @@ class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
         self.eos = list(eos_token_id)
         if any(e < 0 for e in self.eos):
             raise GenerationConfigError(f"forced_eos_token_id must be non-negative, got {self.eos}")
+        self._eos = np.asarray(self.eos, np.int64)
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] != self.max_length - 1:
@@ -158,6 +201,9 @@ class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
         out = np.full_like(scores, NEG_INF)
         out[:, self.eos] = 0
         return out
+
+    def banned(self, input_ids, tokens, columns):
+        return ~among(tokens, self._eos) & (input_ids.shape[-1] == self.max_length - 1)
 
 
 class ExponentialDecayLengthPenalty(LogitsProcessor):
