@@ -21,6 +21,8 @@ if [ ! -x .venv-genai/bin/python ]; then
     .venv-genai/bin/pip install --disable-pip-version-check -q torch==2.13.0 'transformers>=5,<6' \
         onnxruntime-genai==0.18.0 onnx onnx-ir psutil
 fi
+# edgelm in the genai venv too (no dependencies: it has onnxruntime and tokenizers), for bench_turns below
+.venv-genai/bin/pip install --disable-pip-version-check -q --no-deps -e .
 CKPT="$(python3 -m edgelm.cli models fetch smollm2-135m-instruct)"
 GGUF="$(dirname "$CKPT")/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 . benchmarks/exports.sh  # fresh DIR: an export no exporter change has made stale
@@ -49,6 +51,10 @@ python3 -m edgelm.cli.bench_graph --pairs "$MODELS/smollm2-fp32" genai:fp32 \
     "$MODELS/smollm2-int4" genai:int4 "$MODELS/smollm2-int4-b64" genai:int4 "$MODELS/smollm2-gguf" genai:int4 \
     --checkpoint "$CKPT" --runs "$RUNS" \
     --threads 2 --interleaved --control --profile --out "$OUT/graph-step.json" | tee "$OUT/graph-step.md"
+# Both generation loops in one process, taking turns: end to end without the drift between fresh processes
+python3 -m edgelm.cli.bench_turns "$MODELS/smollm2-fp32" "$MODELS/smollm2-gguf" "$MODELS/smollm2-int8" \
+    "$MODELS/smollm2-int4" "$MODELS/smollm2-int4-b64" --checkpoint "$CKPT" --genai-python .venv-genai/bin/python \
+    --runs "$RUNS" --rounds 8 --threads 2 --control --out "$OUT/turns.json" | tee "$OUT/turns.md"
 # What the gguf build's per-block offsets cost a step (timing-only surgery; the ceiling of any faster exact form)
 python3 benchmarks/graph_ab.py "$MODELS/smollm2-gguf" genai:int4 --checkpoint "$CKPT" --variants nooffsets \
     --repeats "$RUNS" | tee "$OUT/graph-ab-gguf.md"

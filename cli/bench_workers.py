@@ -8,7 +8,7 @@ top and each system's imports inside its function.
 
     python bench_workers.py SYSTEM MODEL_PATH REQUEST_JSON
 
-SYSTEM: edgelm | torch | optimum | genai. REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy",
+SYSTEM: edgelm | torch | optimum | genai | turns (two of them in one process, ``run_turns``). REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy",
 "threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens",
 "threads_used", "thread_setting", ...}.
 
@@ -195,46 +195,105 @@ def genai_overlay(threads: int) -> dict:
     return {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
 
 
+def _genai_load(model: str, threads: int) -> tuple[Any, dict]:
+    """onnxruntime-genai's model with ``threads`` set where it reads them; returns it and the overlay applied."""
+    import onnxruntime_genai as og
+
+    config = og.Config(model)
+    config.clear_providers()
+    overlay = genai_overlay(threads)
+    config.overlay(json.dumps(overlay))
+    return og.Model(config), overlay
+
+
+def _genai_generate(lm: Any, prompt: list[int], n: int, kw: dict, clock: TokenClock | None) -> None:
+    """One generation of exactly ``n`` tokens (min_length = max_length) by onnxruntime-genai's own loop."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(lm)
+    opts = {"max_length": len(prompt) + n, "min_length": len(prompt) + n, "do_sample": kw["do_sample"]}
+    for key in ("temperature", "top_p", "top_k", "num_beams", "length_penalty", "early_stopping"):
+        if key in kw:
+            opts[key] = kw[key]
+    params.set_search_options(**opts)
+    gen = og.Generator(lm, params)
+    if clock:
+        clock.put(None)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+        if clock:
+            clock.put(None)
+
+
 def run_genai(model: str, req: dict) -> dict:
     import onnxruntime_genai as og
 
     # Timed from the folder's path, as CausalLM.load is (it reads edgelm.json and the configs inside the clock):
     # reading genai_config.json and applying the thread overlay is part of genai's load (~16 ms for SmolLM2).
     t0 = time.perf_counter()
-    config = og.Config(model)
-    config.clear_providers()
-    overlay = genai_overlay(req["threads"])
-    config.overlay(json.dumps(overlay))
-    lm = og.Model(config)
+    lm, overlay = _genai_load(model, req["threads"])
     og.Tokenizer(lm)  # ready to generate from text, as edgelm's CausalLM.load (which loads its tokenizer) is
     load_s = time.perf_counter() - t0
     prompt = req["prompt_ids"]
     kw = dict(STRATEGIES[req["strategy"]])
-
-    def generate(n: int, clock: TokenClock | None) -> None:
-        params = og.GeneratorParams(lm)
-        opts = {"max_length": len(prompt) + n, "min_length": len(prompt) + n, "do_sample": kw["do_sample"]}
-        for key in ("temperature", "top_p", "top_k", "num_beams", "length_penalty", "early_stopping"):
-            if key in kw:
-                opts[key] = kw[key]
-        params.set_search_options(**opts)
-        gen = og.Generator(lm, params)
-        if clock:
-            clock.put(None)
-        gen.append_tokens(prompt)
-        while not gen.is_done():
-            gen.generate_next_token()
-            if clock:
-                clock.put(None)
-
-    generate(WARMUP_TOKENS, None)
+    _genai_generate(lm, prompt, WARMUP_TOKENS, kw, None)
     n = req["new_tokens"]
-    res = _timed(lambda s: generate(n, s), req["strategy"] not in WHOLE_CALL, n)
+    res = _timed(lambda s: _genai_generate(lm, prompt, n, kw, s), req["strategy"] not in WHOLE_CALL, n)
     return {**res, "load_s": load_s, "threads_used": overlay["model"]["decoder"]["session_options"],
             "thread_setting": "genai_config decoder session_options via og.Config.overlay"}
 
 
-RUNNERS = {"edgelm": run_edgelm, "torch": run_torch, "optimum": run_optimum, "genai": run_genai}
+def run_turns(model: str, req: dict) -> dict:
+    """Two generators in this one process taking turns, greedy, whole generations of ``new_tokens`` each: the
+    end-to-end comparison without the drift between fresh processes (``cli/bench_turns.py``).
+
+    ``req["players"]`` names the two: ["edgelm", "genai"], or one system twice (the control). edgelm loads
+    MODEL_PATH, genai ``req["genai_model"]``; the one named first is loaded first and, in even rounds, runs
+    first. Each side is its own system's real loop (edgelm's ``generate`` in Python, genai's in C++) with its
+    own session options (edgelm's threads stop spinning after each run, genai's keep onnxruntime's default),
+    so each round's ratio of decode rates (first token after the prefill to the last) is what a user of one or
+    the other would see on that machine at that moment. Needs a Python with both installed (the genai venv
+    with ``pip install --no-deps -e .``)."""
+    import onnxruntime
+
+    from edgelm.runtime import CausalLM
+
+    n, prompt, threads = req["new_tokens"], req["prompt_ids"], req["threads"]
+    kw = dict(STRATEGIES["greedy"])
+    players, used = [], []
+    for system in req["players"]:
+        if system == "edgelm":
+            lm = CausalLM.load(model, threads=threads)
+            ids = [prompt]
+            players.append(lambda clock, lm=lm, ids=ids: lm.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                                       streamer=clock, **kw))
+            opts = lm.decoder.session.get_session_options()
+            used.append({"intra_op_num_threads": opts.intra_op_num_threads})
+        elif system == "genai":
+            glm, overlay = _genai_load(req["genai_model"], threads)
+            players.append(lambda clock, glm=glm: _genai_generate(glm, prompt, n, kw, clock))
+            used.append(overlay["model"]["decoder"]["session_options"])
+        else:
+            raise ValueError(f"turns: unknown player {system!r}")
+    for play in players:  # warm-up: first-run allocations and caches
+        play(None)
+    rates: list[list[float]] = []
+    for r in range(req["rounds"]):
+        pair = [0.0, 0.0]
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            pair[i] = _timed(players[i], True, n)["decode_tps"]
+        rates.append(pair)
+    versions = {"onnxruntime": onnxruntime.__version__}
+    if "genai" in req["players"]:
+        import onnxruntime_genai as og
+
+        versions["onnxruntime_genai"] = og.__version__
+    return {"rates": rates, "ratios": [a / b for a, b in rates], "threads_used": used, "versions": versions}
+
+
+RUNNERS = {"edgelm": run_edgelm, "torch": run_torch, "optimum": run_optimum, "genai": run_genai,
+           "turns": run_turns}
 
 
 def main(argv: list[str]) -> int:

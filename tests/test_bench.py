@@ -60,6 +60,8 @@ FAKE_GENAI = '''
 """Stand-in for onnxruntime_genai: records the config overlays and generates dummy tokens."""
 import json, os, time
 
+__version__ = "fake"
+
 class Config:
     def __init__(self, path):
         time.sleep(float(os.environ.get("FAKE_GENAI_CONFIG_SECONDS", "0")))  # reading genai_config.json
@@ -119,6 +121,61 @@ def test_genai_load_time_includes_reading_its_config(tmp_path):
     env = {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_GENAI_LOG": str(tmp_path / "overlays.json"),
            "FAKE_GENAI_CONFIG_SECONDS": "0.3"}
     assert _worker("genai", tmp_path, 2, env)["load_s"] >= 0.3
+
+
+def _fake_genai(tmp_path) -> dict:
+    pkg = tmp_path / "fake" / "onnxruntime_genai"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_GENAI))
+    return {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_GENAI_LOG": str(tmp_path / "overlays.json")}
+
+
+def test_turns_worker_runs_both_loops_in_one_process(exported, tmp_path):
+    """The turns worker loads edgelm and genai (a stand-in here) in one process, each with the threads set where it
+    reads them, and returns every round's decode rates and their ratio, first player over second."""
+    req = json.dumps({**REQUEST, "threads": 2, "rounds": 3, "players": ["edgelm", "genai"],
+                      "genai_model": str(tmp_path)})
+    proc = subprocess.run([sys.executable, bench_workers.__file__, "turns", str(exported("tiny-llama")), req],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **_fake_genai(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res["rates"]) == len(res["ratios"]) == 3
+    assert all(r == pytest.approx(a / b) for r, (a, b) in zip(res["ratios"], res["rates"]))
+    assert res["threads_used"][0]["intra_op_num_threads"] == 2
+    assert res["threads_used"][1] == json.loads((tmp_path / "overlays.json").read_text())[-1]["model"]["decoder"][
+        "session_options"]
+    assert res["versions"]["onnxruntime_genai"] == "fake"
+
+
+def test_turns_bench_pools_both_load_orders_and_adds_the_control(exported, tmp_path, monkeypatch, capsys):
+    """Each process loads the two in the other order from the last, the rates are put back in the players' order
+    before the ratio, and --control adds genai against itself; a missing genai build is named with its command."""
+    from edgelm.cli import bench_turns
+
+    export = exported("tiny-llama")
+    with pytest.raises(SystemExit, match="edgelm bench .* --anchors"):
+        bench_turns._anchor(export, tmp_path / "no-such-checkpoint")
+    monkeypatch.setattr(bench_turns, "_anchor", lambda e, c: tmp_path / "genai-int4")
+    calls = []
+
+    def process(python, export, anchor, order, req):  # edgelm at 100 tokens/s, genai at 200; first loaded 10% slow
+        calls.append(list(order))
+        speed = {"edgelm": 100.0, "genai": 200.0}
+        rates = [[speed[order[0]] / 1.1, speed[order[1]]]] * req["rounds"]
+        return {"rates": rates, "threads_used": [{"p": order[0]}, {"p": order[1]}], "versions": {}}
+
+    monkeypatch.setattr(bench_turns, "_process", process)
+    req = {"rounds": 2, "threads": 1, "new_tokens": 4, "prompt": 3}
+    rows = bench_turns.measure([export], tmp_path, "python", 4, req, control=True, log=lambda m: None)
+    assert calls[:4] == [["edgelm", "genai"], ["genai", "edgelm"]] * 2
+    assert [r["players"] for r in rows] == [["edgelm", "genai"], ["genai", "genai"]]
+    ratios = rows[0]["ratios"]
+    assert len(ratios) == 8 and min(ratios) == pytest.approx(0.5 / 1.1) and max(ratios) == pytest.approx(0.5 * 1.1)
+    assert rows[0]["threads_used"] == [{"p": "edgelm"}, {"p": "genai"}]
+    text = bench_turns.markdown(rows, req, 4)
+    median = sorted(ratios)[3:5]
+    assert f"| edgelm {export.name} | genai genai-int4 | {sum(median) / 2:.3f}x (" in text
+    assert "| genai genai-int4 (control) | genai genai-int4 |" in text
 
 
 def test_report_prints_what_each_system_ran_with():
