@@ -90,9 +90,9 @@ def measure(exports: list[Path], checkpoint: Path, python: str, runs: int, req: 
         ratios, rates, used, versions = [], [], None, None
         for run in range(runs):
             log(f"progress: {export.name} {' vs '.join(players)}, process {run + 1}/{runs}")
-            order = players if run % 2 == 0 else players[::-1]
+            flip = run % 2 == 1  # by the process, not by the names: a control's two players share one name
+            order = players[::-1] if flip else players
             out = _process(python, export, anchor, order, {**req, "prompt_ids": ids})
-            flip = order != players
             for a, b in out["rates"]:
                 first, second = (b, a) if flip else (a, b)
                 rates.append((first, second))

@@ -172,6 +172,8 @@ def test_turns_bench_pools_both_load_orders_and_adds_the_control(exported, tmp_p
     ratios = rows[0]["ratios"]
     assert len(ratios) == 8 and min(ratios) == pytest.approx(0.5 / 1.1) and max(ratios) == pytest.approx(0.5 * 1.1)
     assert rows[0]["threads_used"] == [{"p": "edgelm"}, {"p": "genai"}]
+    control = rows[1]["ratios"]  # genai against itself: the place effect both ways, not always on one side
+    assert min(control) == pytest.approx(1 / 1.1) and max(control) == pytest.approx(1.1)
     text = bench_turns.markdown(rows, req, 4)
     median = sorted(ratios)[3:5]
     assert f"| edgelm {export.name} | genai genai-int4 | {sum(median) / 2:.3f}x (" in text

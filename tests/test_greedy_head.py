@@ -137,16 +137,14 @@ def test_greedy_search_takes_the_head_only_where_nothing_reads_the_logits(export
     assert calls and not any(calls)  # a processor, a caller's criterion (it may read the scores)
 
 
-def test_greedy_search_keeps_the_head_under_processors_that_only_ban(exported, hf_model):
-    """min_new_tokens, suppress_tokens, bad_words_ids and no_repeat_ngram_size only ban tokens, so greedy search
-    keeps the head and asks them about its pick alone; a banned pick reruns that pass through the full head.
-    The tokens are transformers' either way; each case here bans a pick at least once."""
+def _ban_cases(hf_model):
+    """Two left-padded prompts, the generate settings, transformers' tokens under each ban-only setting, and those
+    settings: min_new_tokens, suppress_tokens, bad_words_ids and no_repeat_ngram_size, each chosen so that it bans
+    a token greedy search would otherwise pick (checked)."""
     import torch
 
     from conftest import left_pad
-    from edgelm.runtime import CausalLM
 
-    lm = CausalLM.load(exported("tiny-llama"))
     model, _ = hf_model("tiny-llama")
     ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
     common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
@@ -159,11 +157,25 @@ def test_greedy_search_keeps_the_head_under_processors_that_only_ban(exported, h
     first, third = int(plain[0, ids.shape[1]]), int(plain[0, ids.shape[1] + 2])
     cases = [{"min_new_tokens": 12, "eos_token_id": third}, {"suppress_tokens": [first], "eos_token_id": None},
              {"bad_words_ids": [[first]], "eos_token_id": None}, {"no_repeat_ngram_size": 1, "eos_token_id": None}]
-    calls = _recorded(lm)
+    refs = []
     for kw in cases:
-        calls.clear()
         ref = transformers(**kw)
         assert not np.array_equal(ref, plain[:, :ref.shape[1]]) or ref.shape != plain.shape, kw  # the ban bites
+        refs.append(ref)
+    return ids, mask, common, list(zip(cases, refs))
+
+
+def test_greedy_search_keeps_the_head_under_processors_that_only_ban(exported, hf_model):
+    """min_new_tokens, suppress_tokens, bad_words_ids and no_repeat_ngram_size only ban tokens, so greedy search
+    keeps the head and asks them about its pick alone; a banned pick reruns that pass through the full head.
+    The tokens are transformers' either way; each case here bans a pick at least once."""
+    from edgelm.runtime import CausalLM
+
+    lm = CausalLM.load(exported("tiny-llama"))
+    ids, mask, common, cases = _ban_cases(hf_model)
+    calls = _recorded(lm)
+    for kw, ref in cases:
+        calls.clear()
         np.testing.assert_array_equal(lm.generate(ids, mask, **common, **kw), ref, err_msg=str(kw))
         assert calls.count(True) >= 2 and False in calls, (kw, calls)  # the head, and a rerun for a banned pick
 
@@ -173,26 +185,12 @@ def test_greedy_search_without_the_head_asks_the_bans_about_its_argmax(exported,
     ban-only processors takes their argmax, asks the processors about that token alone, and runs them over the
     logits only when they ban it. Tokens equal transformers' with each ban biting; the processors ran over
     logits on some steps, not all."""
-    import torch
-
-    from conftest import left_pad
     from edgelm.runtime import CausalLM
     from edgelm.runtime.processors import LogitsProcessorList
 
     lm = CausalLM.load(exported("tiny-llama", greedy_head=False))
     assert not lm.decoder.greedy_head
-    model, _ = hf_model("tiny-llama")
-    ids, mask = left_pad([[5, 17, 99, 3, 250, 8], [42, 7]], pad=0)
-    common = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
-
-    def transformers(**kw):
-        with torch.no_grad():
-            return model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **common, **kw).numpy()
-
-    plain = transformers(eos_token_id=None)
-    first, third = int(plain[0, ids.shape[1]]), int(plain[0, ids.shape[1] + 2])
-    cases = [{"min_new_tokens": 12, "eos_token_id": third}, {"suppress_tokens": [first], "eos_token_id": None},
-             {"bad_words_ids": [[first]], "eos_token_id": None}, {"no_repeat_ngram_size": 1, "eos_token_id": None}]
+    ids, mask, common, cases = _ban_cases(hf_model)
     processed = []
     call = LogitsProcessorList.__call__
 
@@ -202,10 +200,8 @@ def test_greedy_search_without_the_head_asks_the_bans_about_its_argmax(exported,
 
     LogitsProcessorList.__call__ = counting
     try:
-        for kw in cases:
+        for kw, ref in cases:
             processed.clear()
-            ref = transformers(**kw)
-            assert not np.array_equal(ref, plain[:, :ref.shape[1]]) or ref.shape != plain.shape, kw  # the ban bites
             np.testing.assert_array_equal(lm.generate(ids, mask, **common, **kw), ref, err_msg=str(kw))
             assert 0 < len(processed) < ref.shape[1] - ids.shape[1], (kw, processed)
     finally:
