@@ -31,14 +31,20 @@ from edgelm.cli import bench_workers
 
 
 def _genai_python(given: str | None) -> str:
+    """A Python that imports both onnxruntime_genai and edgelm: ``given``, else ``edgelm bench``'s default."""
     from edgelm.cli.bench import _genai_python as find
 
-    python = find(given)
+    def imports(python: str, module: str) -> bool:
+        return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+    if given is not None and not imports(given, "onnxruntime_genai"):
+        raise SystemExit(f"bench_turns: {given} cannot import onnxruntime_genai; benchmarks/run.sh makes .venv-genai "
+                         "with it")
+    python = given or find(None)
     if python is None:
         raise SystemExit("bench_turns: no Python with onnxruntime_genai (give --genai-python, or run "
                          "benchmarks/run.sh once to make .venv-genai)")
-    probe = subprocess.run([python, "-c", "import edgelm.runtime, onnxruntime_genai"], capture_output=True, text=True)
-    if probe.returncode != 0:
+    if not imports(python, "edgelm.runtime"):
         raise SystemExit(f"bench_turns: {python} has onnxruntime_genai but cannot import edgelm; install it there: "
                          f"{python} -m pip install --no-deps -e {Path(__file__).resolve().parents[1]}")
     return python

@@ -155,6 +155,8 @@ def test_turns_bench_pools_both_load_orders_and_adds_the_control(exported, tmp_p
     export = exported("tiny-llama")
     with pytest.raises(SystemExit, match="edgelm bench .* --anchors"):
         bench_turns._anchor(export, tmp_path / "no-such-checkpoint")
+    with pytest.raises(SystemExit, match="bench_turns: .* cannot import onnxruntime_genai"):  # this Python lacks it
+        bench_turns._genai_python(sys.executable)
     monkeypatch.setattr(bench_turns, "_anchor", lambda e, c: tmp_path / "genai-int4")
     calls = []
 
