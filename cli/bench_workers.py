@@ -8,8 +8,8 @@ top and each system's imports inside its function.
 
     python bench_workers.py SYSTEM MODEL_PATH REQUEST_JSON
 
-SYSTEM: edgelm | torch | optimum | genai | turns (two of them in one process, ``run_turns``). REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy",
-"threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens",
+SYSTEM: edgelm | torch | optimum | genai | turns (edgelm and genai in one process, ``run_turns``).
+REQUEST_JSON: {"prompt_ids", "new_tokens", "strategy", "threads"}. Output: {"ttft_ms", "decode_tps", "total_s", "peak_rss_mb", "load_s", "tokens",
 "threads_used", "thread_setting", ...}.
 
 Every system gets the thread count through the setting it really reads, and the worker reports
@@ -83,22 +83,28 @@ def _timed(call: Callable[[Any], Any], streamed: bool, new_tokens: int) -> dict[
     return out
 
 
+def _edgelm_ran_with(lm: Any) -> dict:
+    """What a loaded CausalLM's session runs with, read back from the session: threads, edgelm's departures from
+    onnxruntime's defaults (spinning stopped after each run, ...) and how the load cache served it."""
+    from edgelm.runtime import load_cache
+    from edgelm.runtime.session import read_back_entries
+
+    opts = lm.decoder.session.get_session_options()
+    return {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads,
+            **read_back_entries(lm.decoder.session), "load_cache": load_cache.status(lm.decoder.session)}
+
+
 def run_edgelm(model: str, req: dict) -> dict:
     import numpy as np
 
     from edgelm.runtime import CausalLM
     from edgelm.runtime.processors import LogitsProcessorList
-    from edgelm.runtime import load_cache
-    from edgelm.runtime.session import read_back_entries
     from edgelm.runtime.strategies import sampling
 
     t0 = time.perf_counter()
     lm = CausalLM.load(model, threads=req["threads"], model_file=req.get("model_file"))
     load_s = time.perf_counter() - t0
-    opts = lm.decoder.session.get_session_options()
-    threads_used = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads,
-                    **read_back_entries(lm.decoder.session),  # edgelm's departures from onnxruntime's defaults
-                    "load_cache": load_cache.status(lm.decoder.session)}
+    threads_used = _edgelm_ran_with(lm)
     ids = np.asarray([req["prompt_ids"]], np.int64)
     strategy = req["strategy"]
     kw = dict(STRATEGIES.get(strategy) or EDGELM_ONLY[strategy])
@@ -268,8 +274,7 @@ def run_turns(model: str, req: dict) -> dict:
             ids = [prompt]
             players.append(lambda clock, lm=lm, ids=ids: lm.generate(ids, max_new_tokens=n, min_new_tokens=n,
                                                                        streamer=clock, **kw))
-            opts = lm.decoder.session.get_session_options()
-            used.append({"intra_op_num_threads": opts.intra_op_num_threads})
+            used.append(_edgelm_ran_with(lm))
         elif system == "genai":
             glm, overlay = _genai_load(req["genai_model"], threads)
             players.append(lambda clock, glm=glm: _genai_generate(glm, prompt, n, kw, clock))

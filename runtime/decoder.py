@@ -15,6 +15,7 @@ from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
 GREEDY_HEAD, GREEDY_IDS, GREEDY_LOGITS = "greedy_head", "greedy_ids", "greedy_logits"
+"""The greedy head's input and outputs (``edgelm.export.greedy_head``; the runtime never imports the exporter)."""
 
 
 def greedy_picks(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -23,7 +24,6 @@ def greedy_picks(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
     are not sorted across rows, so the position of the maximum alone would not do)."""
     top = logits == logits.max(axis=-1, keepdims=True)
     return np.where(top, ids, np.iinfo(np.int64).max).min(axis=-1)
-"""The greedy head's input and outputs (``edgelm.export.greedy_head``; the runtime never imports the exporter)."""
 
 
 class Decoder:

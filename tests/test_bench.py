@@ -142,6 +142,7 @@ def test_turns_worker_runs_both_loops_in_one_process(exported, tmp_path):
     assert len(res["rates"]) == len(res["ratios"]) == 3
     assert all(r == pytest.approx(a / b) for r, (a, b) in zip(res["ratios"], res["rates"]))
     assert res["threads_used"][0]["intra_op_num_threads"] == 2
+    assert res["threads_used"][0]["force_spinning_stop"] == 1  # read back from the session, as the edgelm worker does
     assert res["threads_used"][1] == json.loads((tmp_path / "overlays.json").read_text())[-1]["model"]["decoder"][
         "session_options"]
     assert res["versions"]["onnxruntime_genai"] == "fake"
