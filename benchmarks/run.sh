@@ -23,6 +23,10 @@ if [ ! -x .venv-genai/bin/python ]; then
 fi
 # edgelm in the genai venv too (no dependencies: it has onnxruntime and tokenizers), for bench_turns below
 .venv-genai/bin/pip install --disable-pip-version-check -q --no-deps -e .
+# A load cache of this run's own, empty at the start: each export's first load on this machine is measured
+# (edgelm bench reports it apart), whether or not the exports below are reused.
+export EDGELM_LOAD_CACHE_DIR="$OUT/load-cache"
+rm -rf "$EDGELM_LOAD_CACHE_DIR"
 CKPT="$(python3 -m edgelm.cli models fetch smollm2-135m-instruct)"
 GGUF="$(dirname "$CKPT")/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 . benchmarks/exports.sh  # fresh DIR: an export no exporter change has made stale

@@ -31,7 +31,7 @@ def run(model_dir: str, turns: int = 10, threads: int = 2) -> dict:
 
     from edgelm.runtime import CausalLM
 
-    lm = CausalLM.load(model_dir, threads=threads)
+    lm = CausalLM.load(model_dir, threads=threads, load_cache="sync")  # a timed run beside no cache writer
     conv = lm.conversation(system="You are a helpful assistant.")
     history = [{"role": "system", "content": "You are a helpful assistant."}]
     rows = []

@@ -56,13 +56,16 @@ def provider_spec(args: argparse.Namespace) -> Any:
 def load_model(cls: Any, model_dir: str | Path, args: argparse.Namespace, model_file: str | None = None,
                **load_kw: Any) -> Any:
     """``cls.load`` with the command's provider and threads; on the CPU, first says on stderr when this load
-    writes the model's load cache entry (runtime.load_cache), the one load that takes seconds longer."""
+    writes the model's load cache entry (runtime.load_cache): once per model and machine, beside the load
+    (a background process) or, with EDGELM_LOAD_CACHE=sync, during it."""
     from edgelm.runtime import load_cache
 
     if args.provider == "cpu" and load_cache.will_write(Path(model_dir) / (model_file or "model.onnx")):
+        how = ("during this load (once; later loads are faster" if load_cache.mode(None) == "sync" else
+               "from a background process of low priority (once; later loads are faster; "
+               f"{load_cache.ENV}=sync writes it during the load")
         print(f"edgelm: first load of {model_dir} on this machine: saving onnxruntime's prepacked graph to the load "
-              f"cache ({load_cache.root()}; once, later loads are faster; {load_cache.ENV}=0 skips it)",
-              file=sys.stderr)
+              f"cache ({load_cache.root()}) {how}; {load_cache.ENV}=0 skips it)", file=sys.stderr)
     return cls.load(model_dir, provider=provider_spec(args), threads=args.threads, model_file=model_file, **load_kw)
 
 

@@ -46,13 +46,14 @@ class CausalLM:
     @classmethod
     def load(cls, model_dir: str | Path, provider: ProviderSpec = "cpu", threads: int | None = None,
              optimization: str = "all", model_file: str | None = None,
-             load_cache: bool | None = None, stable_rows: bool = False) -> "CausalLM":
+             load_cache: bool | str | None = None, stable_rows: bool = False) -> "CausalLM":
         """Load a folder made by ``edgelm export`` (or ``optimum-cli export onnx``).
 
         ``model_file`` picks another graph file of the folder, e.g. ``"model.ort"`` written by
         ``edgelm export --mobile``; by default the manifest's ``model.onnx``. ``load_cache``: keep
         onnxruntime's prepacked graph on this device so later loads skip that work (see
-        ``runtime.load_cache``; default ``$EDGELM_LOAD_CACHE``, on).
+        ``runtime.load_cache``; default ``$EDGELM_LOAD_CACHE``, on): True writes a missing entry from a
+        background process after a plain load, ``"sync"`` during this load, False never.
 
         ``stable_rows``: every pass of a single sequence holds two tokens or more (a decode step feeds its
         token twice), so that a token's logits are the same bit for bit whether its pass reads it alone

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
 from edgelm.runtime.kv_cache import KVCache, SharedKVCache, StaticKVCache
-from edgelm.runtime.load_cache import enabled as load_cache_enabled
+from edgelm.runtime.load_cache import mode as load_cache_mode
 from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
@@ -36,11 +36,11 @@ class Decoder:
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
                  threads: int | None = None, optimization: str = "all", model_file: str | None = None,
-                 load_cache: bool | None = None, stable_rows: bool = False):
+                 load_cache: bool | str | None = None, stable_rows: bool = False):
         self.manifest = manifest
         self.model_file = model_file or manifest.model_file
         self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization,
-                                      use_cache=load_cache_enabled(load_cache))
+                                      use_cache=load_cache_mode(load_cache))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         required = {"input_ids", "attention_mask", "logits"}
@@ -254,7 +254,7 @@ class StaticDecoder(Decoder):
 
     def __init__(self, model_dir: Path, manifest: Manifest, provider: ProviderSpec = "cpu",
                  threads: int | None = None, optimization: str = "all", model_file: str | None = None,
-                 load_cache: bool | None = None, stable_rows: bool = False):
+                 load_cache: bool | str | None = None, stable_rows: bool = False):
         # One token per pass always: every row is computed alike already, so ``stable_rows`` changes nothing.
         super().__init__(model_dir, manifest, provider, threads, optimization, model_file, load_cache)
         self.static = True

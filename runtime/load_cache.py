@@ -16,6 +16,14 @@ files: a re-export or an upgrade gets a fresh entry and the stale one of the sam
 It costs disk: the saved file keeps the original weights beside the packed ones (SmolLM2 int8:
 330 MB for a 148 MB export). ``EDGELM_LOAD_CACHE=0`` (or ``load_cache=False``) turns it off.
 Only plain CPU sessions use it (other providers pack nothing of the CPU's, or compile the graph).
+
+Writing the entry is slower than the load it saves: onnxruntime serializes the optimized graph and
+every packed weight (SmolLM2 float32: a load that writes took 2.2-2.3 s here, a plain load 0.58 s and
+genai's 0.68 s). So by default the first load is a plain one and the entry is written by a detached
+process of low priority (``cache_writer``) that the load starts once its own session is ready: the
+first load costs what a plain load costs, and the machine pays the write beside it, on one thread at
+nice 10, with a second copy of the model in memory while it writes. ``EDGELM_LOAD_CACHE=sync`` (or
+``load_cache="sync"``) writes it during the load instead, as deploy scripts and memory-tight devices may prefer.
 """
 
 from __future__ import annotations
@@ -38,21 +46,41 @@ ENV = "EDGELM_LOAD_CACHE"
 MODEL_NAME = "model.onnx"
 STATUS = "edgelm_load_cache"
 """The attribute of each session this module makes that says how the load went: "hit" (read from the
-cache), "written" (loaded and saved to it) or "failed" (loaded without it, after a warning)."""
+cache), "written" (loaded and saved to it), "writing" (loaded plainly, a background writer started) or
+"failed" (loaded without it, after a warning)."""
+SOURCE = "edgelm_load_cache_source"
+"""On a session marked "writing": (model, optimization) of the entry its background writer is making."""
 STALE_TMP_SECONDS = 3600
 """A temporary entry older than this is taken for one a killed process left behind, and removed."""
 
 
-def enabled(requested: bool | None) -> bool:
-    """``requested`` if given, else ``$EDGELM_LOAD_CACHE`` (default on)."""
-    if requested is not None:
-        return bool(requested)
-    value = os.environ.get(ENV, "1")
-    if value not in ("0", "1"):
-        from edgelm.runtime.errors import ProviderError
+MODES = ("off", "background", "sync")
+"""How a load uses the cache when it has no entry yet: not at all, a plain load and a background writer, or
+writing the entry during the load. With an entry, every mode but "off" reads it."""
+_ENV_MODES = {"0": "off", "1": "background", "sync": "sync"}
 
-        raise ProviderError(f"{ENV}={value!r}: use 1 to cache onnxruntime's prepacked graph, 0 to load without it")
-    return value == "1"
+
+def mode(requested: bool | str | None) -> str:
+    """``requested`` if given (True: "background", False: "off", or a mode's name), else ``$EDGELM_LOAD_CACHE``:
+    1 (the default) for a background write, sync, or 0."""
+    from edgelm.runtime.errors import ProviderError
+
+    if requested is not None:
+        if isinstance(requested, bool):
+            return "background" if requested else "off"
+        if requested in MODES:
+            return requested
+        raise ProviderError(f"load_cache={requested!r}: use True, False or one of {', '.join(MODES)}")
+    value = os.environ.get(ENV, "1")
+    if value not in _ENV_MODES:
+        raise ProviderError(f"{ENV}={value!r}: use 1 to cache onnxruntime's prepacked graph (written in the "
+                            "background on a first load), sync to write it during that load, 0 to load without it")
+    return _ENV_MODES[value]
+
+
+def enabled(requested: bool | str | None) -> bool:
+    """Whether loads use the cache at all (see ``mode``)."""
+    return mode(requested) != "off"
 
 
 DIR_ENV = "EDGELM_LOAD_CACHE_DIR"
@@ -102,7 +130,8 @@ def key(model: Path, optimization: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def _entry(model: Path, optimization: str) -> Path:
+def entry_path(model: Path, optimization: str) -> Path:
+    """Where ``model``'s entry lives for this onnxruntime, CPU and optimization level (it may not exist)."""
     return root() / f"{model.parent.name}-{key(model, optimization)}"
 
 
@@ -127,29 +156,25 @@ def _sweep(model: Path, keep: Path) -> None:
 
 
 def will_write(model: Path, optimization: str = "all") -> bool:
-    """Whether a CPU load of ``model`` now would write its entry (the cache is on, the graph exists, no entry yet):
-    a command line can say why this one load takes longer."""
+    """Whether a CPU load of ``model`` now would write its entry, during the load or beside it (the cache is on,
+    the graph exists, no entry yet): a command line can say so."""
     model = Path(model)
     if not enabled(None) or model.suffix != ".onnx" or not model.is_file():
         return False
-    return not (_entry(model, optimization) / MODEL_NAME).is_file()
+    return not (entry_path(model, optimization) / MODEL_NAME).is_file()
 
 
 def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimization: str,
-            providers: list[str]) -> ort.InferenceSession:
-    """A CPU session of ``model``: from the cached prepacked graph when there is one, else one that writes it.
+            providers: list[str], how: str = "background",
+            entries: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A CPU session of ``model``: from the cached prepacked graph when there is one; else a plain session and a
+    background writer of the entry (``how`` "background"), or a session that writes it (``how`` "sync").
 
-    Any failure to read or write the cache (full disk, read-only home, a damaged entry) falls back
-    to a plain session with a warning: the cache may only ever make a load faster.
+    ``entries``: the session config entries ``make_options`` adds beyond edgelm's own, which a background
+    writer must set too. Any failure to read or write the cache (full disk, read-only home, a damaged
+    entry) falls back to a plain session with a warning: the cache may only ever make a load faster.
     """
-
-    def without(why: str) -> ort.InferenceSession:
-        sess = ort.InferenceSession(str(model), make_options(), providers=providers)  # a bad model raises here
-        warnings.warn(f"edgelm: {why}; loaded {model} without the load cache (set {ENV}=0 to stop trying)",
-                      RuntimeWarning, stacklevel=5)
-        return _marked(sess, "failed")
-
-    entry = _entry(model, optimization)
+    entry = entry_path(model, optimization)
     cached = entry / MODEL_NAME
     if cached.is_file():
         opts = make_options()
@@ -160,6 +185,33 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
             warnings.warn(f"edgelm: the load cache entry {entry} is unreadable ({exc}); writing it again", RuntimeWarning,
                           stacklevel=4)
             shutil.rmtree(entry, ignore_errors=True)
+    if how == "sync":
+        return write(model, make_options, optimization, providers, stacklevel=5)
+    from edgelm.runtime import cache_writer  # it imports this module
+
+    sess = ort.InferenceSession(str(model), make_options(), providers=providers)  # a bad model raises here
+    problem = cache_writer.start(model, optimization, entries or {})
+    if problem:
+        warnings.warn(f"edgelm: {problem}; loaded {model} without the load cache (set {ENV}=0 to stop trying)",
+                      RuntimeWarning, stacklevel=4)
+        return _marked(sess, "failed")
+    setattr(sess, SOURCE, (model, optimization))
+    return _marked(sess, "writing")
+
+
+def write(model: Path, make_options: Callable[[], ort.SessionOptions], optimization: str, providers: list[str],
+          stacklevel: int = 2) -> ort.InferenceSession:
+    """A session of ``model`` that saves its optimized, prepacked graph as the model's entry on the way (a
+    temporary folder renamed into place); marked "written", or "failed" with a warning and no entry."""
+
+    def without(why: str) -> ort.InferenceSession:
+        sess = ort.InferenceSession(str(model), make_options(), providers=providers)  # a bad model raises here
+        warnings.warn(f"edgelm: {why}; loaded {model} without the load cache (set {ENV}=0 to stop trying)",
+                      RuntimeWarning, stacklevel=stacklevel + 1)
+        return _marked(sess, "failed")
+
+    entry = entry_path(model, optimization)
+    started = time.perf_counter()
     try:
         root().mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root()))
@@ -177,8 +229,9 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
     try:
         if not (tmp / MODEL_NAME).is_file():
             raise OSError("onnxruntime wrote no optimized graph")
-        (tmp / "source.json").write_text(json.dumps({"source": str(model.resolve()), "onnxruntime": ort.__version__,
-                                                     "optimization": optimization}))
+        (tmp / "source.json").write_text(json.dumps({
+            "source": str(model.resolve()), "onnxruntime": ort.__version__, "optimization": optimization,
+            "write_s": round(time.perf_counter() - started, 3)}))
         try:
             tmp.rename(entry)
         except OSError:  # another process wrote the same entry first: keep theirs
@@ -188,11 +241,19 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
         status = "written"
     except OSError as exc:  # the session is loaded: keep it, only the entry is missing
         warnings.warn(f"edgelm: could not write the load cache entry for {model} ({exc})", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=stacklevel)
         status = "failed"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _marked(sess, status)
+
+
+def written_in(model: Path, optimization: str = "all") -> float | None:
+    """Seconds the writer of ``model``'s entry took (None: no entry, or one from before this was recorded)."""
+    try:
+        return json.loads((entry_path(Path(model), optimization) / "source.json").read_text()).get("write_s")
+    except (OSError, ValueError):
+        return None
 
 
 def _marked(sess: ort.InferenceSession, status: str) -> ort.InferenceSession:
@@ -201,5 +262,6 @@ def _marked(sess: ort.InferenceSession, status: str) -> ort.InferenceSession:
 
 
 def status(sess: ort.InferenceSession) -> str:
-    """How ``sess`` was loaded: "hit", "written", "failed", or "off" (not through the cache)."""
+    """How ``sess`` was loaded: "hit", "written" (during the load), "writing" (a background writer started),
+    "failed", or "off" (not through the cache)."""
     return getattr(sess, STATUS, "off")

@@ -153,12 +153,12 @@ def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
 
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,
                    optimization: str = "all", extra_options: dict[str, Any] | None = None,
-                   use_cache: bool = False) -> ort.InferenceSession:
+                   use_cache: bool | str = False) -> ort.InferenceSession:
     """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file.
 
-    ``use_cache``: a plain CPU session of an ``.onnx`` graph goes through ``load_cache`` (onnxruntime's
-    prepacked graph saved on the first load, read back on later ones); off for graphs still being written
-    (an export measuring itself in its temporary folder).
+    ``use_cache`` (a ``load_cache.mode``; True: "background"): a plain CPU session of an ``.onnx`` graph goes
+    through ``load_cache`` (onnxruntime's prepacked graph saved after or during the first load, read back on
+    later ones); off for graphs still being written (an export measuring itself in its temporary folder).
     """
     path = Path(path)
     if not path.is_file():
@@ -175,11 +175,13 @@ def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | No
 
     opts = make_options()  # a bad setting is refused here, before anything loads
     names = [n for n, _ in providers]
-    cached = (use_cache and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
+    how = load_cache.mode(use_cache) if use_cache else "off"
+    cached = (how != "off" and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
               and optimization != "disable")
     try:
         if cached:
-            return load_cache.session(path, make_options, optimization, names)
+            return load_cache.session(path, make_options, optimization, names, how,
+                                      {k: str(v) for k, v in (extra_options or {}).items()})
         return ort.InferenceSession(str(path), opts, providers=names,
                                     provider_options=[o for _, o in providers])
     except Exception as exc:  # onnxruntime raises its own exception types for every load failure

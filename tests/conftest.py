@@ -19,8 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every load writes onnxruntime's prepacked graph to the load cache (runtime.load_cache), and each test session
 # exports to new folders: their entries go to a folder of this session's own (workers and CLI runs inherit it),
 # not to the user's cache, where each session would add a copy of every model it loaded.
+# Entries are written during the first load (sync), not by the default background writer: a test then knows the
+# cache's state after each load, and no writer outlives the session's temporary folder. tests/test_load_cache.py
+# and the CLI's test run the default.
 _LOAD_CACHE = tempfile.mkdtemp(prefix="edgelm-test-load-cache-")
 os.environ["EDGELM_LOAD_CACHE_DIR"] = _LOAD_CACHE
+os.environ["EDGELM_LOAD_CACHE"] = "sync"
 atexit.register(shutil.rmtree, _LOAD_CACHE, True)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

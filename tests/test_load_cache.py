@@ -2,19 +2,24 @@
 
 It may only make loads faster: the same logits to the bit, a fresh entry when the model or the
 machine's onnxruntime changes, and a plain load (with a warning) whenever the cache cannot be used.
+By default a first load is a plain one and a background process writes the entry (runtime.cache_writer);
+``sync`` writes it during the load. These tests run the default unless they say otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgelm.runtime import CausalLM, load_cache
+from edgelm.runtime import CausalLM, cache_writer, load_cache
 from edgelm.runtime.errors import ProviderError
 from edgelm.runtime.session import create_session
 
@@ -29,7 +34,12 @@ def cache_root(tmp_path, monkeypatch) -> Path:
 
 
 def _entries(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".tmp-")) if root.is_dir() else []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def _written(model: Path) -> None:
+    """Wait for the background writer of ``model``'s entry; the entry must then exist."""
+    assert cache_writer.wait(model / "model.onnx", timeout=120), "the background writer left no entry"
 
 
 def _prefill_logits(lm: CausalLM) -> np.ndarray:
@@ -42,7 +52,7 @@ def _prefill_logits(lm: CausalLM) -> np.ndarray:
 def test_cached_graph_gives_the_same_logits_and_tokens(options, exported, cache_root):
     model = exported("tiny-llama", **options)
     plain = CausalLM.load(model, load_cache=False)
-    first = CausalLM.load(model)
+    first = CausalLM.load(model, load_cache="sync")
     again = CausalLM.load(model)
     assert [load_cache.status(lm.decoder.session) for lm in (plain, first, again)] == ["off", "written", "hit"]
     (entry,) = _entries(cache_root)
@@ -54,18 +64,82 @@ def test_cached_graph_gives_the_same_logits_and_tokens(options, exported, cache_
     np.testing.assert_array_equal(again.generate(PROMPT, max_new_tokens=16, do_sample=False), tokens)
 
 
+@pytest.mark.parametrize("options", [{}, {"quantize": "int4"}])
+def test_a_first_load_is_plain_and_a_background_process_writes_the_entry(options, exported, cache_root):
+    """The default: the first load returns a plain session at once ("writing"), a detached process writes the
+    entry, and the next load reads it: the same logits to the bit as a plain load, the lock gone."""
+    model = exported("tiny-llama", **options)
+    want = _prefill_logits(CausalLM.load(model, load_cache=False))
+    first = CausalLM.load(model)
+    assert load_cache.status(first.decoder.session) == "writing"
+    np.testing.assert_array_equal(_prefill_logits(first), want)
+    _written(model)
+    (entry,) = _entries(cache_root)
+    assert json.loads((entry / "source.json").read_text())["write_s"] > 0
+    assert load_cache.written_in(model / "model.onnx") == json.loads((entry / "source.json").read_text())["write_s"]
+    assert not any(p.name.startswith((cache_writer.LOCK_PREFIX, cache_writer.FAILED_PREFIX, ".tmp-"))
+                   for p in cache_root.iterdir())
+    again = CausalLM.load(model)
+    assert load_cache.status(again.decoder.session) == "hit"
+    np.testing.assert_array_equal(_prefill_logits(again), want)
+
+
+def test_one_writer_at_a_time_and_a_dead_ones_lock_is_taken_over(exported, cache_root, monkeypatch):
+    model = exported("tiny-llama")
+    cache_root.mkdir(parents=True)
+    lock = cache_writer._marker(cache_writer.LOCK_PREFIX, model / "model.onnx", "all")
+    lock.write_text(f"{os.getpid()}\n")  # a live process holds it: a load must not start a second writer
+
+    def no_second_writer(*args, **kwargs):
+        raise AssertionError("a second writer was started")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_writer.subprocess, "Popen", no_second_writer)
+        assert load_cache.status(CausalLM.load(model).decoder.session) == "writing"
+    assert cache_writer.writing(model / "model.onnx") and not _entries(cache_root)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{dead.pid}\n")  # what a killed writer leaves
+    assert not cache_writer.writing(model / "model.onnx")
+    assert load_cache.status(CausalLM.load(model).decoder.session) == "writing"
+    _written(model)
+    assert load_cache.status(CausalLM.load(model).decoder.session) == "hit"
+
+
+def test_a_failed_writer_says_why_and_loads_stop_retrying(exported, cache_root, tmp_path):
+    """A writer that cannot write leaves the reason; loads in the next hour warn with it and start no writer."""
+    model = tmp_path / "model"
+    shutil.copytree(exported("tiny-llama"), model)
+    cache_root.mkdir(parents=True)
+    lock = cache_writer._marker(cache_writer.LOCK_PREFIX, model / "model.onnx", "all")
+    failed = cache_writer._marker(cache_writer.FAILED_PREFIX, model / "model.onnx", "all")
+    lock.write_text("")
+    (model / "model.onnx").rename(model / "moved.onnx")  # the graph is gone when the writer looks for it
+    assert cache_writer.main([str(model / "model.onnx"), "all", str(lock), "{}"]) == 1
+    assert not lock.exists() and failed.is_file() and failed.read_text().strip()
+    (model / "moved.onnx").rename(model / "model.onnx")
+    with pytest.warns(RuntimeWarning, match="writer failed"):
+        lm = CausalLM.load(model)
+    assert load_cache.status(lm.decoder.session) == "failed" and not cache_writer.writing(model / "model.onnx")
+    os.utime(failed, (0, 0))  # an hour on: try again
+    assert load_cache.status(CausalLM.load(model).decoder.session) == "writing"
+    _written(model)
+    assert not failed.exists()
+
+
 def test_a_changed_model_gets_a_fresh_entry_and_stale_ones_go(exported, cache_root, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(exported("tiny-llama"), model)
     gone = tmp_path / "gone"
     shutil.copytree(exported("tiny-llama"), gone)
-    CausalLM.load(gone)
+    CausalLM.load(gone, load_cache="sync")
     shutil.rmtree(gone)  # a model deleted since: its entry is swept at the next write
-    assert load_cache.status(CausalLM.load(model).decoder.session) == "written"
+    assert load_cache.status(CausalLM.load(model, load_cache="sync").decoder.session) == "written"
     (old,) = _entries(cache_root)
     st = (model / "model.onnx").stat()
     os.utime(model / "model.onnx", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # what a re-export does
-    assert load_cache.status(CausalLM.load(model).decoder.session) == "written"
+    assert load_cache.status(CausalLM.load(model).decoder.session) == "writing"  # the background writer sweeps too
+    _written(model)
     (new,) = _entries(cache_root)
     assert new != old and not old.exists()
     assert load_cache.status(CausalLM.load(model).decoder.session) == "hit"
@@ -74,12 +148,13 @@ def test_a_changed_model_gets_a_fresh_entry_and_stale_ones_go(exported, cache_ro
 def test_a_damaged_entry_is_written_again(exported, cache_root):
     model = exported("tiny-llama")
     want = _prefill_logits(CausalLM.load(model, load_cache=False))
-    CausalLM.load(model)
+    CausalLM.load(model, load_cache="sync")
     (entry,) = _entries(cache_root)
     (entry / "model.onnx").write_bytes(b"\x00not a graph")
     with pytest.warns(RuntimeWarning, match="unreadable"):
         lm = CausalLM.load(model)
-    assert load_cache.status(lm.decoder.session) == "written"
+    assert load_cache.status(lm.decoder.session) == "writing"
+    _written(model)
     np.testing.assert_array_equal(_prefill_logits(lm), want)
     assert load_cache.status(CausalLM.load(model).decoder.session) == "hit"
 
@@ -102,10 +177,16 @@ def test_the_variable_turns_it_off_and_a_bad_value_is_refused(exported, cache_ro
         warnings.simplefilter("error")
         assert load_cache.status(CausalLM.load(model).decoder.session) == "off"
     assert not _entries(cache_root)
-    assert load_cache.status(CausalLM.load(model, load_cache=True).decoder.session) == "written"  # the argument wins
+    assert load_cache.status(CausalLM.load(model, load_cache=True).decoder.session) == "writing"  # the argument wins
+    _written(model)
+    shutil.rmtree(cache_root)
+    monkeypatch.setenv(load_cache.ENV, "sync")
+    assert load_cache.status(CausalLM.load(model).decoder.session) == "written"
     monkeypatch.setenv(load_cache.ENV, "yes")
     with pytest.raises(ProviderError, match=load_cache.ENV):
         CausalLM.load(model)
+    with pytest.raises(ProviderError, match="load_cache"):
+        CausalLM.load(model, load_cache="later")
 
 
 def test_the_cache_lives_in_edgelms_cache_unless_moved(tmp_path, monkeypatch):
