@@ -174,8 +174,8 @@ def main(argv: list[str]) -> int:
             os.nice(NICE)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sess = load_cache.write(model, make_options, optimization, ["CPUExecutionProvider"])
-        if load_cache.status(sess) != "written":
+            sess = load_cache.write(model, make_options, optimization, ["CPUExecutionProvider"], fallback=False)
+        if sess is None or load_cache.status(sess) != "written":
             _record_failure(failed, "; ".join(str(w.message) for w in caught) or "no entry was written")
             return 1
         return 0

@@ -200,15 +200,18 @@ def session(model: Path, make_options: Callable[[], ort.SessionOptions], optimiz
 
 
 def write(model: Path, make_options: Callable[[], ort.SessionOptions], optimization: str, providers: list[str],
-          stacklevel: int = 2) -> ort.InferenceSession:
+          stacklevel: int = 2, fallback: bool = True) -> ort.InferenceSession | None:
     """A session of ``model`` that saves its optimized, prepacked graph as the model's entry on the way (a
-    temporary folder renamed into place); marked "written", or "failed" with a warning and no entry."""
+    temporary folder renamed into place); marked "written", or "failed" with a warning and no entry.
 
-    def without(why: str) -> ort.InferenceSession:
-        sess = ort.InferenceSession(str(model), make_options(), providers=providers)  # a bad model raises here
+    ``fallback=False`` (the background writer, which only wants the entry): where onnxruntime could not
+    save, None with the warning instead of a plain session loaded for nothing."""
+
+    def without(why: str) -> ort.InferenceSession | None:
+        sess = ort.InferenceSession(str(model), make_options(), providers=providers) if fallback else None
         warnings.warn(f"edgelm: {why}; loaded {model} without the load cache (set {ENV}=0 to stop trying)",
                       RuntimeWarning, stacklevel=stacklevel + 1)
-        return _marked(sess, "failed")
+        return _marked(sess, "failed") if sess is not None else None
 
     entry = entry_path(model, optimization)
     started = time.perf_counter()
