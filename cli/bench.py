@@ -235,7 +235,12 @@ def run_bench(model_dir: str, prompt_tokens: int = 64, new_tokens: int = 128, ru
             res = _measure(t, request)
             done += 1
             cells.setdefault((t.system, key), []).append(res)
-            shown = f"{res['decode_tps']:.1f} tok/s" if "decode_tps" in res else f"failed: {res['error']}"
+            if "error" in res:
+                shown = f"failed: {res['error']}"
+            elif key == FIRST_LOAD:
+                shown = f"load {res['load_s']:.2f} s, no load cache entry"
+            else:
+                shown = f"{res['decode_tps']:.1f} tok/s"
             log(f"[{done}/{total}] run {run + 1} {t.system:8s} {key:16s} {shown}")
     results: dict[str, Any] = {
         "model": str(model_dir), "precision": _precision(manifest), "attention": manifest.attention,
