@@ -29,6 +29,8 @@ FAILED_PREFIX = ".failed-"
 NICE = 10
 """The writer's niceness: on a 2-core device it takes what the user's generation leaves, not half of it."""
 STALE_SECONDS = load_cache.STALE_TMP_SECONDS
+STARTING_SECONDS = 10.0
+"""A lock without a pid is a writer being started (microseconds); one older than this lost its starter."""
 
 _children: dict[Path, subprocess.Popen] = {}
 """Writers this process started, by their lock: polled (and so reaped) instead of signalled, since a finished child
@@ -54,8 +56,8 @@ def _alive(lock: Path) -> bool:
         return False
     if age > STALE_SECONDS:
         return False
-    if not text:  # the starting process has not written the pid yet
-        return True
+    if not text:  # the starting process has not written the pid yet, or was killed before it could
+        return age < STARTING_SECONDS
     pid = int(text) if text.isdigit() else -1
     own = _children.get(lock)
     if own is not None and own.pid == pid:

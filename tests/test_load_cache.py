@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -97,6 +98,10 @@ def test_one_writer_at_a_time_and_a_dead_ones_lock_is_taken_over(exported, cache
         m.setattr(cache_writer.subprocess, "Popen", no_second_writer)
         assert load_cache.status(CausalLM.load(model).decoder.session) == "writing"
     assert cache_writer.writing(model / "model.onnx") and not _entries(cache_root)
+    lock.write_text("")  # a writer being started: its pid not written yet
+    assert cache_writer.writing(model / "model.onnx")
+    os.utime(lock, (time.time() - 60,) * 2)  # ... for a minute: its starter was killed
+    assert not cache_writer.writing(model / "model.onnx")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(f"{dead.pid}\n")  # what a killed writer leaves
