@@ -373,9 +373,11 @@ def markdown(results: dict) -> str:
                          f"{_cell(entry, 'python_step_ms', '{:.2f}')} |")
     fresh = results["results"].get("edgelm", {}).get(FIRST_LOAD)
     if fresh and fresh.get("load_s"):
-        lines += ["", f"edgelm's first load on a machine (an empty load cache each run, the entry then written by a "
-                  f"background process): {_cell(fresh, 'load_s', '{:.2f}')} s; the background write "
-                  f"{_cell(fresh, 'cache_write_s', '{:.2f}')} s; loads that read the entry: "
+        write = (f"; the background write {_cell(fresh, 'cache_write_s', '{:.2f}')} s"
+                 if fresh.get("cache_write_s") else "")  # none where the load cache is off or written in the load
+        how = ", the entry then written by a background process" if write else ""
+        lines += ["", f"edgelm's first load on a machine (an empty load cache each run{how}): "
+                  f"{_cell(fresh, 'load_s', '{:.2f}')} s{write}; loads that read the entry: "
                   f"{_cell(results['results']['edgelm'].get('greedy'), 'load_s', '{:.2f}')} s"]
     first = {k: v for k, v in (results.get("first_load") or {}).items() if v.get("load_s") is not None}
     if first:
