@@ -440,9 +440,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return main_verify(args)
 
 
+ENVIRONMENT = """environment:
+  EDGELM_CACHE                models, checkpoints and the load cache (default ~/.cache/edgelm)
+  EDGELM_LOAD_CACHE           1 (default): a model's first load on this machine is a plain one and a
+                              background process saves onnxruntime's prepacked graph for later loads;
+                              sync: save it during that load; 0: never
+  EDGELM_LOAD_CACHE_DIR       where those graphs go (default $EDGELM_CACHE/load-cache)
+  EDGELM_FORCE_SPINNING_STOP  0: let onnxruntime's threads busy-wait after each run (edgelm stops them)
+  EDGELM_PARALLEL_PREPACK     1: prepack weights on the session's threads (faster load, higher peak memory)
+  EDGELM_KV_SHARED_BUFFER     0: fused-attention graphs copy the KV cache each step instead of writing it in
+                              place (for comparisons; the outputs are the same)
+  EDGELM_GENAI_PYTHON         `edgelm bench --anchors`: the Python of a venv with onnxruntime-genai"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.")
+        prog="edgelm", description="Ship Hugging Face language models to edge devices with ONNX Runtime.",
+        epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
     _add_draft(sub)

@@ -92,6 +92,14 @@ def test_help_of_every_command():
         proc = _cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage" in proc.stdout
     assert "--max-new-tokens" in _cli("generate", "--help").stdout
+    # every environment variable that changes how models load or run is listed, with its values
+    from edgelm.runtime import load_cache, session
+
+    top = _cli("--help").stdout
+    for name in ("EDGELM_CACHE", load_cache.ENV, load_cache.DIR_ENV, session.SPINNING_STOP_ENV,
+                 session.PARALLEL_PREPACK_ENV, "EDGELM_KV_SHARED_BUFFER", "EDGELM_GENAI_PYTHON"):
+        assert f"\n  {name} " in top, name
+    assert "sync" in top
 
 
 def test_models_list_and_fetch_uses_cache(checkpoint):
