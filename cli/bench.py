@@ -35,6 +35,8 @@ Log = Callable[[str], None]
 ANCHOR_STRATEGIES = ("greedy", "sample", "beam4")
 PROMPT_SWEEP_NEW_TOKENS = 16
 """Tokens generated per run of the prompt-length sweep, which times the first token (prefill)."""
+FIRST_LOAD = "first-load"
+"""The key of edgelm's job that loads with an empty load cache each run (a 2-token generation after it)."""
 
 
 @dataclass
@@ -262,10 +264,6 @@ def run_bench(model_dir: str, prompt_tokens: int = 64, new_tokens: int = 128, ru
             entry[field] = _summary([r.get(field) for r in ok])
         results["results"].setdefault(system, {})[key] = entry
     return results
-
-
-FIRST_LOAD = "first-load"
-"""The key of edgelm's job that loads with an empty load cache each run (a 2-token generation after it)."""
 
 
 def _cache_note(first: dict) -> str:

@@ -111,14 +111,12 @@ def _settled(lm: Any) -> Any:
 def run_edgelm(model: str, req: dict) -> dict:
     import numpy as np
 
-    from edgelm.runtime import CausalLM
+    from edgelm.runtime import CausalLM, load_cache
     from edgelm.runtime.processors import LogitsProcessorList
     from edgelm.runtime.strategies import sampling
 
     fresh = None
     if req.get("fresh_load_cache"):  # a first load on this machine: no entry to read, as after an install
-        from edgelm.runtime import load_cache
-
         fresh = tempfile.mkdtemp(prefix="edgelm-bench-first-load-")
         os.environ[load_cache.DIR_ENV] = fresh
     t0 = time.perf_counter()
@@ -128,8 +126,6 @@ def run_edgelm(model: str, req: dict) -> dict:
     _settled(lm)
     write_s = None
     if fresh:
-        from edgelm.runtime import load_cache
-
         write_s = load_cache.written_in(lm.model_dir / lm.decoder.model_file)
         shutil.rmtree(fresh, ignore_errors=True)  # the session maps nothing of it: it loaded plainly
     ids = np.asarray([req["prompt_ids"]], np.int64)

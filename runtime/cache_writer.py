@@ -44,6 +44,7 @@ def _reap() -> None:
 
 
 def _marker(prefix: str, model: Path, optimization: str) -> Path:
+    """The lock (LOCK_PREFIX) or failure record (FAILED_PREFIX) of ``model``'s entry, beside the entries."""
     return load_cache.root() / (prefix + load_cache.entry_path(model, optimization).name)
 
 
@@ -147,8 +148,8 @@ def wait(model: Path, optimization: str = "all", timeout: float = 600.0) -> bool
 
 def settle(session: ort.InferenceSession, timeout: float = 600.0) -> None:
     """Wait for the writer ``session``'s load started, if it did (a no-op for any other session)."""
-    source = getattr(session, load_cache.SOURCE, None)
-    if source is not None and load_cache.status(session) == "writing":
+    source = getattr(session, load_cache.SOURCE, None)  # set on "writing" sessions only
+    if source is not None:
         wait(source[0], source[1], timeout)
 
 
@@ -164,13 +165,9 @@ def _record_failure(failed: Path, why: str) -> None:
 def main(argv: list[str]) -> int:
     """The writer: ``python -m edgelm.runtime.cache_writer MODEL OPTIMIZATION LOCK ENTRIES_JSON`` (started by ``start``)."""
     model, optimization, lock, entries = Path(argv[0]), argv[1], Path(argv[2]), json.loads(argv[3])
-    from edgelm.runtime.session import session_options  # it imports load_cache, which needs nothing from here
+    from edgelm.runtime.session import options_factory  # it imports load_cache, which needs nothing from here
 
-    def make_options() -> ort.SessionOptions:
-        opts = session_options(1, optimization)  # one thread: the user's session is running beside it
-        for key, value in entries.items():
-            opts.add_session_config_entry(key, str(value))
-        return opts
+    make_options = options_factory(1, optimization, entries)  # one thread: the user's session runs beside it
 
     failed = lock.with_name(FAILED_PREFIX + lock.name[len(LOCK_PREFIX):])
     try:

@@ -10,7 +10,6 @@ import onnxruntime as ort
 
 from edgelm.runtime.errors import InputError, ModelLoadError, UnsupportedError
 from edgelm.runtime.kv_cache import KVCache, SharedKVCache, StaticKVCache
-from edgelm.runtime.load_cache import mode as load_cache_mode
 from edgelm.runtime.manifest import Manifest, draft_token_ids
 from edgelm.runtime.session import ProviderSpec, create_session
 
@@ -40,7 +39,7 @@ class Decoder:
         self.manifest = manifest
         self.model_file = model_file or manifest.model_file
         self.session = create_session(Path(model_dir) / self.model_file, provider, threads, optimization,
-                                      use_cache=load_cache_mode(load_cache))
+                                      use_cache=load_cache)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         required = {"input_ids", "attention_mask", "logits"}

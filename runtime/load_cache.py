@@ -18,8 +18,8 @@ It costs disk: the saved file keeps the original weights beside the packed ones 
 Only plain CPU sessions use it (other providers pack nothing of the CPU's, or compile the graph).
 
 Writing the entry is slower than the load it saves: onnxruntime serializes the optimized graph and
-every packed weight (SmolLM2 float32: a load that writes took 2.2-2.3 s here, a plain load 0.58 s and
-genai's 0.68 s). So by default the first load is a plain one and the entry is written by a detached
+every packed weight (SmolLM2 float32 in the README's ``benchmarks/run.sh`` run: 2.11 s to write, where a
+plain load took 0.56 s and genai's load 0.67 s). So by default the first load is a plain one and the entry is written by a detached
 process of low priority (``cache_writer``) that the load starts once its own session is ready: the
 first load costs what a plain load costs, and the machine pays the write beside it, on one thread at
 nice 10, with a second copy of the model in memory while it writes. ``EDGELM_LOAD_CACHE=sync`` (or
@@ -137,15 +137,21 @@ def entry_path(model: Path, optimization: str) -> Path:
 
 def _sweep(model: Path, keep: Path) -> None:
     """Remove this model's entries under other keys (re-exported, upgraded), entries of models that are gone,
-    and temporary folders left by kills."""
+    and what kills left behind: temporary folders, and background writers' locks and failure records (the
+    dot-names), once older than STALE_TMP_SECONDS, when every reader takes them for stale too."""
     now = time.time()
     source = str(model.resolve())
     for p in root().iterdir():
-        if p == keep or not p.is_dir():
+        if p == keep:
             continue
-        if p.name.startswith(".tmp-"):
-            if now - p.stat().st_mtime > STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith("."):
+            try:
+                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            except OSError:
+                pass  # another process swept it first
+            continue
+        if not p.is_dir():
             continue
         try:
             meta = json.loads((p / "source.json").read_text())

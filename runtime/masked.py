@@ -8,7 +8,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgelm.runtime.errors import InputError, ModelLoadError
-from edgelm.runtime.load_cache import mode as load_cache_mode
 from edgelm.runtime.manifest import Manifest, read_manifest, resolve_model_file
 from edgelm.runtime.processors import softmax
 from edgelm.runtime.session import ProviderSpec, create_session
@@ -35,7 +34,7 @@ class MaskedLM:
         if manifest.task != "masked-lm":
             raise ModelLoadError(f"{model_dir} holds a {manifest.task} model; load it with CausalLM.load")
         session = create_session(model_dir / resolve_model_file(model_dir, manifest, model_file), provider, threads,
-                                 optimization, use_cache=load_cache_mode(load_cache))
+                                 optimization, use_cache=load_cache)
         tokenizer = Tokenizer.load(model_dir)
         tokenizer.check_belongs_to(manifest.vocab_size, model_dir)
         return cls(model_dir, manifest, session, tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import onnxruntime as ort
 
@@ -151,14 +151,29 @@ def read_back_entries(session: ort.InferenceSession) -> dict[str, int]:
     return out
 
 
+def options_factory(threads: int | None, optimization: str,
+                    extra_options: dict[str, Any] | None = None) -> Callable[[], ort.SessionOptions]:
+    """Makes fresh SessionOptions with edgelm's settings plus ``extra_options`` (session config entries): a load
+    cache's reading, writing and background-writing sessions each need options of their own, all alike."""
+
+    def make() -> ort.SessionOptions:
+        opts = session_options(threads, optimization)
+        for key, value in (extra_options or {}).items():
+            opts.add_session_config_entry(key, str(value))
+        return opts
+
+    return make
+
+
 def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | None = None,
                    optimization: str = "all", extra_options: dict[str, Any] | None = None,
-                   use_cache: bool | str = False) -> ort.InferenceSession:
+                   use_cache: bool | str | None = False) -> ort.InferenceSession:
     """An InferenceSession for ``path``; damaged or missing files become a ModelLoadError naming the file.
 
-    ``use_cache`` (a ``load_cache.mode``; True: "background"): a plain CPU session of an ``.onnx`` graph goes
-    through ``load_cache`` (onnxruntime's prepacked graph saved after or during the first load, read back on
-    later ones); off for graphs still being written (an export measuring itself in its temporary folder).
+    ``use_cache`` (what ``load_cache.mode`` takes: None for ``$EDGELM_LOAD_CACHE``, True, "sync", False):
+    a plain CPU session of an ``.onnx`` graph goes through ``load_cache`` (onnxruntime's prepacked graph saved
+    after or during the first load, read back on later ones); off for graphs still being written (an export
+    measuring itself in its temporary folder).
     """
     path = Path(path)
     if not path.is_file():
@@ -167,15 +182,10 @@ def create_session(path: Path, provider: ProviderSpec = "cpu", threads: int | No
         raise ModelLoadError(f"model file {path} is empty; re-export the model")
     providers = resolve_providers(provider)
 
-    def make_options() -> ort.SessionOptions:
-        opts = session_options(threads, optimization)
-        for key, value in (extra_options or {}).items():
-            opts.add_session_config_entry(key, str(value))
-        return opts
-
+    make_options = options_factory(threads, optimization, extra_options)
     opts = make_options()  # a bad setting is refused here, before anything loads
     names = [n for n, _ in providers]
-    how = load_cache.mode(use_cache) if use_cache else "off"
+    how = load_cache.mode(use_cache)
     cached = (how != "off" and names == ["CPUExecutionProvider"] and not providers[0][1] and path.suffix == ".onnx"
               and optimization != "disable")
     try:

@@ -153,6 +153,20 @@ def test_a_changed_model_gets_a_fresh_entry_and_stale_ones_go(exported, cache_ro
     assert load_cache.status(CausalLM.load(model).decoder.session) == "hit"
 
 
+def test_a_write_sweeps_the_markers_kills_left_behind(exported, cache_root):
+    """Locks and failure records of background writers (of any model, gone ones too) are removed by the next
+    write once stale; young ones stay, since a writer may still be at work."""
+    cache_root.mkdir(parents=True)
+    stale = [cache_root / f"{cache_writer.LOCK_PREFIX}gone-0123", cache_root / f"{cache_writer.FAILED_PREFIX}gone-0123"]
+    young = cache_root / f"{cache_writer.LOCK_PREFIX}other-4567"
+    for marker in (*stale, young):
+        marker.write_text("12345\n")
+    for marker in stale:
+        os.utime(marker, (time.time() - 2 * load_cache.STALE_TMP_SECONDS,) * 2)
+    CausalLM.load(exported("tiny-llama"), load_cache="sync")
+    assert not any(m.exists() for m in stale) and young.exists()
+
+
 def test_a_damaged_entry_is_written_again(exported, cache_root):
     model = exported("tiny-llama")
     want = _prefill_logits(CausalLM.load(model, load_cache=False))

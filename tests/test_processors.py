@@ -86,6 +86,23 @@ def test_forced_bos_at_first_position():
     assert out[0, 4] == 0 and np.isneginf(np.delete(out[0], 4)).all()
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_transformers_at_every_size_and_length(n):
+    """The bans come from one array comparison over every n-gram start: from lengths where no n-gram is complete
+    yet, through the first complete one, to sequences over a small vocabulary where n-grams repeat often,
+    they equal transformers' loop. Some case must ban, so the comparison is not of two untouched rows."""
+    rng = np.random.default_rng(n)
+    banned_any = False
+    for length in range(0, 3 * n + 6):
+        ids = rng.integers(0, 4, size=(3, length)).astype(np.int64)  # 4 tokens: repeats everywhere
+        scores = rng.standard_normal((3, VOCAB)).astype(np.float32)
+        mine = ours.NoRepeatNGramLogitsProcessor(n)(ids, scores.copy())
+        theirs = hf.NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(ids), torch.from_numpy(scores.copy())).numpy()
+        assert_same_scores(mine, theirs)
+        banned_any |= bool(np.isneginf(mine).any())
+    assert banned_any
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bad_words_match_transformers(seed):
     ids, scores = _inputs(seed)

@@ -39,7 +39,7 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
         """Per row, the tokens that would complete an n-gram the row already holds (repeats allowed).
 
         Every n-gram start is compared with the row's last n-1 tokens in one array operation: greedy search
-        asks this on every step, and a Python loop over a long sequence costs about a millisecond a step."""
+        asks this on every step, and a Python loop over the sequence would grow with it, step after step."""
         ids = np.asarray(input_ids)
         cur_len = ids.shape[1]
         if cur_len < self.n:  # no n-gram complete yet
