@@ -8,7 +8,8 @@ gguf           the GGUF file's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K)
                (an untied embedding table holds Q5_0 codes as 4 bits + a bit plane,
                its GGUF size, and Q6_K codes as 4 + 2 bits)
 int8           weight-only 8-bit blocks (MatMulNBits) with integer zero points, 64 in the
-               layers and 32 in the embedding / LM head
+               layers and 32 in the embedding / LM head; activation outliers of the
+               normalized layer inputs first moved into the weights (``smooth``)
 int4           weight-only 4-bit blocks of 32 with integer zero points
                (both: scale and zero point searched per block, then codes rounded by
                GPTQ, from calibration activations; see ``search`` and ``gptq``;
@@ -32,7 +33,7 @@ from edgelm.runtime.errors import ExportError
 
 SCHEMES = {
     "gguf": "the GGUF's own quantized blocks, carried over exactly (GGUF sources only)",
-    "int8": "weight-only 8-bit blocks (by default 64 in the layers, 32 in the embedding and LM head), scales searched and codes rounded by GPTQ on calibration activations",
+    "int8": "weight-only 8-bit blocks (by default 64 in the layers, 32 in the embedding and LM head), activation outliers of the normalized layer inputs moved into the weights (SmoothQuant), scales searched and codes rounded by GPTQ on calibration activations",
     "int4": "weight-only 4-bit blocks (by default 32), scales and zero points searched and codes rounded by GPTQ on calibration activations",
     "int8-dynamic": "onnxruntime dynamic MatMulInteger int8 (for ONNX Runtime Mobile builds without MatMulNBits)",
 }
@@ -125,6 +126,11 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
 
     scheme = _scheme(name, src, ctx)
     model = onnx_files.load_graph(src)  # float weights stay on disk, mapped one matrix at a time
+    smoothed = 0
+    if getattr(scheme, "smooth_alpha", None):
+        from edgelm.export.quant.smooth import smooth
+
+        smoothed = smooth(model, scheme.activations, scheme.smooth_alpha, log=ctx.log)
     report = rewrite(model, scheme, vocab_size=ctx.vocab_size, log=ctx.log)
     if not report.quantized:
         raise ExportError(f"--quantize {name} found no weight matrix it could quantize in this model")
@@ -136,6 +142,8 @@ def _rewrite_file(src: Path, out: Path, name: str, ctx: Context) -> dict[str, An
         "kept_float32": report.kept_float,
         "weight_bytes": report.weight_bytes,
     }
+    if smoothed:
+        result["smoothed"] = {"activations": smoothed, "alpha": scheme.smooth_alpha}
     if name in SIZED_SCHEMES:
         result["block_size"] = {"layers": scheme.linear_block or scheme.block, "embedding_and_head": scheme.block,
                                 "chosen": ctx.block_size is not None}

@@ -91,6 +91,8 @@ class SearchedScheme:
     """Block size of the layers' matrices where it differs from ``block`` (which the embedding / LM head keeps)."""
     source = ""
     gptq = False
+    smooth_alpha: float | None = None
+    """SmoothQuant's alpha for the normalized layer inputs (``smooth``), applied before quantizing; None: not."""
 
     def __init__(self, activations: dict[str, np.ndarray] | None = None):
         self.activations = activations or {}
