@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgelm.export import onnx_files
@@ -137,3 +138,33 @@ def test_int8_export_records_its_smoothing(exported):
     assert "SmoothQuant" in q["method"]
     int4 = json.loads((exported("tiny-llama", quantize="int4") / "edgelm.json").read_text())
     assert "smoothed" not in int4["validation"]["quantization"]  # measured worse at 4 bits: not applied
+
+
+def test_smooth_sweep_script_scores_each_alpha_and_the_float_compute_row(checkpoint, exported, tmp_path, capsys):
+    """benchmarks/smooth_sweep.py (behind the README's choice of alpha): one int8 export per alpha, alpha 0 without
+    smoothing, plus that export computing in float32; the scheme's own alpha is restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgelm.export.quant.int8 import Int8Scheme
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "smooth_sweep.py"
+    spec = importlib.util.spec_from_file_location("smooth_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    reference = exported("tiny-llama")
+    assert sweep.main([str(checkpoint("tiny-llama")), "--reference", str(reference), "--alphas", "0,0.7",
+                       "--out", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| alpha")]
+    assert [r.split(" | ")[0] for r in rows] == ["| alpha 0 (no smoothing)",
+                                                 "| alpha 0, float32 compute (activations not quantized)",
+                                                 "| alpha 0.7"]
+    assert Int8Scheme.smooth_alpha == 0.7
+    plain = json.loads((tmp_path / "int8-alpha0" / "edgelm.json").read_text())["validation"]["quantization"]
+    smoothed = json.loads((tmp_path / "int8-alpha0.7" / "edgelm.json").read_text())["validation"]["quantization"]
+    assert "smoothed" not in plain and smoothed["smoothed"]["alpha"] == 0.7
+    kl = [float(r.split(" | ")[3]) for r in rows]
+    assert all(k > 0 for k in kl)
+    with pytest.raises(SystemExit):
+        sweep.main([str(checkpoint("tiny-llama")), "--reference", str(reference), "--alphas", "0.5,2"])
