@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 
-from edgelm.cli.bench_quality import graph_divergence, graph_perplexity, heldout_ids, text_ids
+from edgelm.cli.bench_quality import graph_scores, heldout_ids, text_ids
 
 
 def export_int8(checkpoint: Path, out: Path, alpha: float) -> None:
@@ -50,12 +50,15 @@ def float_compute_copy(folder: Path, out: Path) -> None:
     onnx.save(model, str(out / "model.onnx"))
 
 
-def score(folder: Path, reference: Path, texts: dict[str, list[int]], ref_ppl: dict[str, float],
-          threads: int | None) -> dict[str, float]:
-    out = {}
+def score(folders: dict[str, Path], reference: Path, texts: dict[str, list[int]],
+          threads: int | None) -> dict[str, dict[str, float]]:
+    """label -> perplexity ratios and divergences on each text, every export in one pass per text."""
+    out: dict[str, dict[str, float]] = {label: {} for label in folders}
     for name, ids in texts.items():
-        out[f"{name}_ratio"] = graph_perplexity(folder, ids, threads) / ref_ppl[name]
-        out[f"{name}_kl"] = graph_divergence(folder, reference, ids, threads)
+        scores = graph_scores(reference, folders, ids, threads)
+        for label in folders:
+            out[label][f"{name}_ratio"] = scores[label]["perplexity"] / scores["perplexity"]
+            out[label][f"{name}_kl"] = scores[label]["kl_divergence"]
     return out
 
 
@@ -88,20 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out or Path(tempfile.mkdtemp(prefix="smooth-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     texts = {"builtin": text_ids(args.reference), "heldout": heldout_ids(args.reference)}
-    ref_ppl = {name: graph_perplexity(args.reference, ids, args.threads) for name, ids in texts.items()}
-    rows = []
+    folders: dict[str, Path] = {}
     try:
         for alpha in alphas:
             folder = work / f"int8-alpha{alpha:g}"
             print(f"exporting int8 at alpha {alpha:g} ...", file=sys.stderr, flush=True)
             export_int8(args.checkpoint, folder, alpha)
-            rows.append((f"alpha {alpha:g}" + (" (no smoothing)" if alpha == 0 else ""),
-                         score(folder, args.reference, texts, ref_ppl, args.threads)))
+            folders[f"alpha {alpha:g}" + (" (no smoothing)" if alpha == 0 else "")] = folder
             if alpha == 0:
                 exact = work / "int8-alpha0-float-compute"
                 float_compute_copy(folder, exact)
-                rows.append(("alpha 0, float32 compute (activations not quantized)",
-                             score(exact, args.reference, texts, ref_ppl, args.threads)))
+                folders["alpha 0, float32 compute (activations not quantized)"] = exact
+        print("scoring every export against the float32 one ...", file=sys.stderr, flush=True)
+        rows = list(score(folders, args.reference, texts, args.threads).items())
         print(markdown(rows))
     finally:
         if args.out is None:

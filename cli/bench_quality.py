@@ -62,12 +62,10 @@ def _max_positions(model_dir: Path) -> int:
     return WINDOW
 
 
-def _window_logprobs(model_dir: str | Path, token_ids: list[int], threads: int | None = None):
-    """log softmax (tokens - 1, vocab) float64 of each window of 511 tokens (fewer when the model has fewer
-    positions) under the causal graph in ``model_dir``, one window at a time, with the window's token ids."""
+def _window_logits(model_dir: str | Path, token_ids: list[int], threads: int | None = None):
+    """(logits of each position but the last, the next tokens) of each window of 511 tokens (fewer when the
+    model has fewer positions) under the causal graph in ``model_dir``, one window at a time from an empty cache."""
     import onnxruntime as ort
-
-    from edgelm.runtime.processors import log_softmax
 
     model_dir = Path(model_dir)
     heads, dim = _cache_shape(model_dir)
@@ -88,32 +86,44 @@ def _window_logprobs(model_dir: str | Path, token_ids: list[int], threads: int |
         for name in names:
             if name.startswith("past_key_values."):
                 feeds[name] = np.zeros((1, heads, 0, dim), np.float32)
-        logits = session.run(["logits"], feeds)[0]
-        yield log_softmax(logits[0, :-1].astype(np.float64)), ids[0]
+        yield session.run(["logits"], feeds)[0][0, :-1], ids[0, 1:]
 
 
 def graph_perplexity(model_dir: str | Path, token_ids: list[int], threads: int | None = None) -> float:
     """exp(mean NLL) of ``token_ids`` under the causal graph in ``model_dir``."""
-    nll = [-logp[np.arange(len(logp)), ids[1:]] for logp, ids in _window_logprobs(model_dir, token_ids, threads)]
-    return float(np.exp(np.concatenate(nll).mean()))
+    return graph_scores(model_dir, {}, token_ids, threads)["perplexity"]
 
 
-def graph_divergence(model_dir: str | Path, reference_dir: str | Path, token_ids: list[int],
-                     threads: int | None = None) -> float:
-    """Mean KL divergence, per token, of the graph in ``model_dir``'s next-token distributions from the
-    reference graph's over ``token_ids`` (nats).
+def graph_scores(reference_dir: str | Path, model_dirs: dict[str, str | Path], token_ids: list[int],
+                 threads: int | None = None) -> dict[str, Any]:
+    """The reference graph's perplexity of ``token_ids``, and each of ``model_dirs``' perplexity and mean KL
+    divergence, per token, of its next-token distributions from the reference's (nats): one pass over the text,
+    every graph in step, so the reference's logits are computed once for all.
 
-    Why beside the perplexity ratio: the ratio scores only the text's own next token, so a quantized graph's
-    changes elsewhere in the distribution partly cancel, and on 1,452 tokens it moves by a few tenths of a
-    percent between exports that differ in last bits only (two SmolLM2 int8 exports whose smoothing scales
-    differed by 1e-8: 1.0024 and 1.0064, and the same divergence, 0.0028). The divergence compares whole
+    Why the divergence beside the perplexity ratio: the ratio scores only the text's own next token, so a
+    quantized graph's changes elsewhere in the distribution partly cancel, and on 1,452 tokens it moves by a few
+    tenths of a percent between exports that differ in last bits only (two SmolLM2 int8 exports whose smoothing
+    scales differed by 1e-8: 1.0024 and 1.0064, and the same divergence, 0.0028). The divergence compares whole
     distributions, token by token, as llama.cpp's perplexity tool does with ``--kl-divergence``."""
-    total, count = 0.0, 0
-    for (logq, _), (logp, _) in zip(_window_logprobs(model_dir, token_ids, threads),
-                                    _window_logprobs(reference_dir, token_ids, threads)):
-        total += float((np.exp(logp) * (logp - logq)).sum())
-        count += len(logp)
-    return total / max(count, 1)
+    from edgelm.export.quality import score_rows
+
+    names = list(model_dirs)
+    passes = [_window_logits(reference_dir, token_ids, threads)]
+    passes += [_window_logits(model_dirs[name], token_ids, threads) for name in names]
+    ref_nll: list[np.ndarray] = []
+    nll: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    kl: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for (reference, targets), *others in zip(*passes):
+        rows = [score_rows(logits, reference, targets) for logits, _ in others]
+        ref_nll.append((rows[0] if rows else score_rows(reference, reference, targets))[1])
+        for name, (row_nll, _, row_kl) in zip(names, rows):
+            nll[name].append(row_nll)
+            kl[name].append(row_kl)
+    out: dict[str, Any] = {"perplexity": float(np.exp(np.concatenate(ref_nll).mean()))}
+    for name in names:
+        out[name] = {"perplexity": float(np.exp(np.concatenate(nll[name]).mean())),
+                     "kl_divergence": float(np.concatenate(kl[name]).mean())}
+    return out
 
 
 def text_ids(model_dir: str | Path) -> list[int]:
@@ -135,8 +145,9 @@ def heldout_ids(model_dir: str | Path) -> list[int]:
 
 def quality(model_dir: str, reference_dir: str, threads: int | None = None,
             anchors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Greedy agreement and perplexity ratio of ``model_dir`` against the float32 ``reference_dir``;
-    ``anchors`` (system -> folder, e.g. genai's int4 build) get perplexity ratio and size too."""
+    """Greedy agreement, perplexity ratio and KL divergence of ``model_dir`` against the float32
+    ``reference_dir`` on the built-in and held-out texts; ``anchors`` (system -> folder, e.g. genai's int4 build)
+    get the same figures but greedy agreement, and size. Each text is one pass, every graph in step."""
     from edgelm.runtime import CausalLM
 
     lm, ref = CausalLM.load(model_dir, threads=threads), CausalLM.load(reference_dir, threads=threads)
@@ -150,27 +161,26 @@ def quality(model_dir: str, reference_dir: str, threads: int | None = None,
         same += bool(equal.all())
         prefix.append(int(np.argmin(equal)) if not equal.all() else NEW_TOKENS)
         agree.append(float(equal.mean()))
-    tokens, heldout = text_ids(reference_dir), heldout_ids(reference_dir)
-    ref_ppl = graph_perplexity(reference_dir, tokens, threads)
-    ppl = graph_perplexity(model_dir, tokens, threads)
-    ref_heldout = graph_perplexity(reference_dir, heldout, threads)
+    texts = {"": text_ids(reference_dir), "heldout_": heldout_ids(reference_dir)}
+    graphs = {"edgelm": model_dir, **{f"anchor:{system}": folder for system, folder in (anchors or {}).items()}}
+    scores = {tag: graph_scores(reference_dir, graphs, ids, threads) for tag, ids in texts.items()}
+
+    def measured(graph: str) -> dict[str, float]:
+        row = {"perplexity": scores[""][graph]["perplexity"]}
+        for tag, score in scores.items():
+            row[f"{tag}perplexity_ratio"] = score[graph]["perplexity"] / score["perplexity"]
+            row[f"{tag}kl_divergence"] = score[graph]["kl_divergence"]
+        return row
+
     out = {
         "reference": str(reference_dir), "prompts": len(PROMPTS), "new_tokens": NEW_TOKENS,
         "identical_continuations": same, "mean_common_prefix": float(np.mean(prefix)),
-        "token_agreement": float(np.mean(agree)), "text_tokens": len(tokens), "perplexity": ppl,
-        "reference_perplexity": ref_ppl, "perplexity_ratio": ppl / ref_ppl, "heldout_tokens": len(heldout),
-        "heldout_perplexity_ratio": graph_perplexity(model_dir, heldout, threads) / ref_heldout,
-        "kl_divergence": graph_divergence(model_dir, reference_dir, tokens, threads),
-        "heldout_kl_divergence": graph_divergence(model_dir, reference_dir, heldout, threads),
-        "size_mb": folder_mb(model_dir), "reference_size_mb": folder_mb(reference_dir), "anchors": {},
+        "token_agreement": float(np.mean(agree)), "text_tokens": len(texts[""]),
+        "reference_perplexity": scores[""]["perplexity"], "heldout_tokens": len(texts["heldout_"]),
+        **measured("edgelm"), "size_mb": folder_mb(model_dir), "reference_size_mb": folder_mb(reference_dir),
+        "anchors": {system: {**measured(f"anchor:{system}"), "size_mb": folder_mb(folder)}
+                    for system, folder in (anchors or {}).items()},
     }
-    for system, folder in (anchors or {}).items():
-        anchor_ppl = graph_perplexity(folder, tokens, threads)
-        out["anchors"][system] = {"perplexity": anchor_ppl, "perplexity_ratio": anchor_ppl / ref_ppl,
-                                  "heldout_perplexity_ratio": graph_perplexity(folder, heldout, threads) / ref_heldout,
-                                  "kl_divergence": graph_divergence(folder, reference_dir, tokens, threads),
-                                  "heldout_kl_divergence": graph_divergence(folder, reference_dir, heldout, threads),
-                                  "size_mb": folder_mb(folder)}
     return out
 
 

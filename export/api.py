@@ -114,7 +114,8 @@ def _measure_quality(folder: Path, manifest: Manifest, max_quality_loss: float |
     report = quality.compare(folder, manifest, f"{FLOAT_DIR}/{MODEL_FILE}")
     manifest.validation["quality"] = report
     log(f"      {report['measure']} {report['perplexity']:.3f} vs float32 {report['float32_perplexity']:.3f} "
-        f"over {report['tokens']} tokens: ratio {report['ratio']:.4f}")
+        f"over {report['tokens']} tokens: ratio {report['ratio']:.4f}, "
+        f"mean KL divergence from float32 {report['kl_divergence']:.4f} nats")
     if max_quality_loss is not None and report["ratio"] > 1 + max_quality_loss:
         raise ExportError(
             f"the {manifest.validation['quantization']['scheme']} export loses {100 * (report['ratio'] - 1):.2f}% "

@@ -2,15 +2,22 @@
 
 The quantized graph and the float32 graph it came from (validated against PyTorch moments
 before) both read a text shipped in the package (``data/quality.txt``, a few hundred tokens of
-technical prose) through edgelm's own runtime, one window of at most 512 tokens at a time.
-The figure is the ratio of their perplexities: 1.000 means no loss. Masked LMs get the
-pseudo-perplexity (every token predicted with one token in ten masked, ten passes).
+technical prose) through edgelm's own runtime, one window of at most 512 tokens at a time, the
+two graphs in step so that each window's logits of both are compared while they are in memory.
+Two figures come out: the ratio of their perplexities (1.000 means no loss; what
+``--max-quality-loss`` limits) and the mean KL divergence of the quantized graph's next-token
+distributions from the float32 graph's. The divergence is there because the ratio scores only the
+text's own next token: changes elsewhere in the distribution partly cancel in it, and on a few
+hundred tokens it moves by tenths of a percent between exports that differ in their last bits,
+where the divergence holds still (llama.cpp's perplexity tool reports it for the same reason).
+Masked LMs get the pseudo-perplexity (every token predicted with one token in ten masked, ten
+passes) and the divergence over the same masked positions.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,44 +26,54 @@ from edgelm.export.quant.calibrate import builtin_text
 WINDOW = 512
 TEXT = "quality.txt"
 LOGITS_BUDGET = 1 << 27
-"""Logits values one window may hold (512 MB of float32): a 262k-token vocabulary gets shorter windows."""
+"""Logits values one graph's window may hold (512 MB of float32, two graphs in step): a vocabulary past 262k tokens
+gets shorter windows."""
 
 
 def _window(vocab: int) -> int:
     return max(64, min(WINDOW, LOGITS_BUDGET // max(vocab, 1)))
 
 
-def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] row by row in float64, 64 rows at a time (no full float64 copy)."""
+def score_rows(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(NLL of ``targets`` under ``logits``, the same under ``reference``, KL(reference || logits)) row by row.
+
+    Float64, 64 rows at a time: a window of a 262k-token vocabulary in float64 would be a gigabyte."""
     from edgelm.runtime.processors import log_softmax
 
-    out = np.empty(len(targets))
-    for start in range(0, len(targets), 64):
-        logp = log_softmax(logits[start:start + 64].astype(np.float64))
-        out[start:start + 64] = -logp[np.arange(logp.shape[0]), targets[start:start + 64]]
-    return out
+    n = len(targets)
+    nll, ref_nll, kl = np.empty(n), np.empty(n), np.empty(n)
+    for start in range(0, n, 64):
+        rows = slice(start, start + 64)
+        logq = log_softmax(logits[rows].astype(np.float64))
+        logp = log_softmax(reference[rows].astype(np.float64))
+        picked = np.arange(logq.shape[0]), targets[rows]
+        nll[rows], ref_nll[rows] = -logq[picked], -logp[picked]
+        kl[rows] = (np.exp(logp) * (logp - logq)).sum(axis=-1)
+    return nll, ref_nll, kl
 
 
-def _causal_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int]) -> np.ndarray:
+def _causal_windows(model_dir: Path, manifest: Any, model_file: str,
+                    ids: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(logits of each position but the last, the next tokens) for each window of ``ids``, each from an empty
+    cache."""
     from edgelm.runtime.decoder import Decoder, StaticDecoder
 
     make = StaticDecoder if manifest.static_max_length else Decoder
     decoder = make(model_dir, manifest, model_file=model_file)
     window = min(_window(manifest.vocab_size), (manifest.static_max_length or WINDOW) - 1,
                  (manifest.max_position_embeddings or WINDOW) - 1)
-    nll = []
     for start in range(0, len(ids) - 1, window):
         chunk = np.asarray([ids[start:start + window]], np.int64)
         if chunk.shape[1] < 2:
             break
         cache = decoder.new_cache(1, chunk.shape[1])
         logits, _ = decoder.step(chunk, np.ones_like(chunk), np.arange(chunk.shape[1])[None], cache)
-        nll.append(_nll_rows(logits[0, :-1], chunk[0, 1:]))
-        del logits
-    return np.concatenate(nll)
+        yield logits[0, :-1], chunk[0, 1:]
 
 
-def _masked_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int], mask_id: int) -> np.ndarray:
+def _masked_windows(model_dir: Path, manifest: Any, model_file: str, ids: list[int],
+                    mask_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(logits at the masked positions, the tokens they hid) for each of ten passes, one token in ten masked."""
     from edgelm.runtime.session import create_session
 
     session = create_session(model_dir / model_file, "cpu", None, "all")
@@ -65,7 +82,6 @@ def _masked_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int],
     feeds = {"input_ids": row, "attention_mask": np.ones_like(row)}
     if "token_type_ids" in {i.name for i in session.get_inputs()}:
         feeds["token_type_ids"] = np.zeros_like(row)
-    nll = []
     for offset in range(10):
         masked = row.copy()
         positions = np.arange(1 + offset, row.shape[1] - 1, 10)  # keep the first and last (special) tokens
@@ -73,39 +89,33 @@ def _masked_nll(model_dir: Path, manifest: Any, model_file: str, ids: list[int],
             continue
         masked[0, positions] = mask_id
         logits = session.run(["logits"], {**feeds, "input_ids": masked})[0]
-        nll.append(_nll_rows(logits[0, positions], row[0, positions]))
-    return np.concatenate(nll)
+        yield logits[0, positions], row[0, positions]
 
 
-def perplexity(model_dir: Path, manifest: Any, model_file: str, text: str | None = None) -> tuple[float, int]:
-    """(perplexity, tokens scored) of one graph of an export folder on ``text`` (default: the built-in one)."""
+def _windows(model_dir: Path, manifest: Any, model_file: str, text: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     from edgelm.runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(model_dir)
-    text = text if text is not None else builtin_text(TEXT)
     if manifest.task == "causal-lm":
-        ids = [int(i) for i in tokenizer.encode(text)]
-        nll = _causal_nll(model_dir, manifest, model_file, ids)
-    else:
-        ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=True)]
-        mask_id = tokenizer.mask_token_id
-        nll = _masked_nll(model_dir, manifest, model_file, ids, mask_id)
-    return float(np.exp(nll.mean())), int(nll.size)
+        return _causal_windows(model_dir, manifest, model_file, [int(i) for i in tokenizer.encode(text)])
+    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=True)]
+    return _masked_windows(model_dir, manifest, model_file, ids, tokenizer.mask_token_id)
 
 
 def compare(model_dir: Path, manifest: Any, float_file: str, text: str | None = None) -> dict[str, Any]:
-    """Perplexity of the folder's graph and of its float32 graph ``float_file``, and their ratio (one graph in
-    memory at a time)."""
-    import gc
-
-    quantized, tokens = perplexity(model_dir, manifest, manifest.model_file, text)
-    gc.collect()
-    reference, _ = perplexity(model_dir, manifest, float_file, text)
+    """Perplexity of the folder's graph and of its float32 graph ``float_file``, their ratio, and the mean KL
+    divergence of the first from the second, per token scored (nats)."""
+    words = text if text is not None else builtin_text(TEXT)
+    scores = [score_rows(logits, reference, targets) for (logits, targets), (reference, _) in
+              zip(_windows(model_dir, manifest, manifest.model_file, words), _windows(model_dir, manifest, float_file, words))]
+    nll, ref_nll, kl = (np.concatenate(column) for column in zip(*scores))
+    quantized, reference = float(np.exp(nll.mean())), float(np.exp(ref_nll.mean()))
     return {
         "text": "built-in (edgelm/export/data/quality.txt)" if text is None else "given",
-        "tokens": tokens,
+        "tokens": int(nll.size),
         "measure": "perplexity" if manifest.task == "causal-lm" else "pseudo-perplexity (1 token in 10 masked)",
         "perplexity": round(quantized, 4),
         "float32_perplexity": round(reference, 4),
         "ratio": round(quantized / reference, 5),
+        "kl_divergence": round(float(kl.mean()), 6),
     }

@@ -297,14 +297,16 @@ def test_speculative_bench_stable_rows_are_checked_against_their_own_greedy(expo
 
 
 def test_quality_report_agrees_with_the_export_and_adds_a_held_out_text(exported):
-    """The benchmark's perplexity (its own code, onnxruntime on the graph) equals what the export measured on
-    the built-in text; the held-out text is other tokens, and both ratios reach the table."""
+    """The benchmark's perplexity and KL divergence (its own code, onnxruntime on the graph) equal what the export
+    measured on the built-in text (through the runtime's decoder); the held-out text is other tokens, and both
+    ratios reach the table."""
     from edgelm.cli import bench_quality
 
     quantized, reference = exported("tiny-llama", quantize="int4"), exported("tiny-llama")
     q = bench_quality.quality(str(quantized), str(reference), threads=1)
     own = json.loads((quantized / "edgelm.json").read_text())["validation"]["quality"]
     assert q["perplexity_ratio"] == pytest.approx(own["ratio"], rel=1e-3)
+    assert own["kl_divergence"] > 0 and q["kl_divergence"] == pytest.approx(own["kl_divergence"], rel=1e-3)
     assert q["heldout_tokens"] == bench_quality.HELDOUT_TOKENS
     assert bench_quality.heldout_ids(reference)[:50] != bench_quality.text_ids(reference)[:50]
     assert q["heldout_perplexity_ratio"] > 1.0 and q["heldout_perplexity_ratio"] != q["perplexity_ratio"]
@@ -313,8 +315,9 @@ def test_quality_report_agrees_with_the_export_and_adds_a_held_out_text(exported
 
 
 def test_kl_divergence_is_zero_against_itself_and_matches_torch(exported):
-    """graph_divergence against an independent computation (torch's kl_div on logits from a session of our own),
-    0 for a graph against itself, and larger for int4 than for int8; the table shows it."""
+    """graph_scores' divergence and perplexity against an independent computation (torch's kl_div and
+    cross_entropy on logits from a session of our own), 0 for a graph against itself, and larger for int4 than for
+    int8, all from one pass; the table shows it."""
     import onnxruntime as ort
     import torch
 
@@ -324,8 +327,9 @@ def test_kl_divergence_is_zero_against_itself_and_matches_torch(exported):
     reference, int8, int4 = exported("tiny-llama"), exported("tiny-llama", quantize="int8"), \
         exported("tiny-llama", quantize="int4")
     ids = bench_quality.text_ids(reference)[:100]  # one window: the tiny model has 256 positions
-    assert bench_quality.graph_divergence(reference, reference, ids, threads=1) == 0.0
-    got = bench_quality.graph_divergence(int4, reference, ids, threads=1)
+    assert bench_quality.graph_scores(reference, {"self": reference}, ids, threads=1)["self"]["kl_divergence"] == 0.0
+    scores = bench_quality.graph_scores(reference, {"int4": int4, "int8": int8}, ids, threads=1)
+    got = scores["int4"]["kl_divergence"]
     logits = []
     for folder in (int4, reference):
         session = ort.InferenceSession(str(folder / "model.onnx"))
@@ -334,7 +338,11 @@ def test_kl_divergence_is_zero_against_itself_and_matches_torch(exported):
     want = torch.nn.functional.kl_div(torch.log_softmax(logits[0], -1), torch.log_softmax(logits[1], -1),
                                       log_target=True, reduction="batchmean").item()
     assert got == pytest.approx(want, rel=1e-6) and got > 0
-    assert bench_quality.graph_divergence(int8, reference, ids, threads=1) < got
+    assert 0 < scores["int8"]["kl_divergence"] < got
+    targets = torch.tensor(ids[1:])
+    for value, lg in ((scores["int4"]["perplexity"], logits[0]), (scores["perplexity"], logits[1])):
+        assert value == pytest.approx(torch.nn.functional.cross_entropy(lg, targets).exp().item(), rel=1e-9)
+    assert bench_quality.graph_perplexity(int4, ids, threads=1) == scores["int4"]["perplexity"]
     q = {"reference": str(reference), "text_tokens": 300, "prompts": 1, "new_tokens": 1, "size_mb": 1.0,
          "perplexity": 2.0, "perplexity_ratio": 1.01, "heldout_perplexity_ratio": 1.02, "kl_divergence": got,
          "heldout_kl_divergence": 0.5, "identical_continuations": 1, "token_agreement": 1.0,

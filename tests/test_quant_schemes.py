@@ -198,6 +198,15 @@ def test_int8_loses_less_than_int4(exported):
     assert abs(ratio["int4"] - 1) > abs(ratio["int8"] - 1), ratio
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert"])
+def test_export_records_its_kl_divergence_from_float32(model, exported):
+    """The quality gate's second figure: 0 < int8's divergence < int4's, for a causal LM and for a masked LM
+    (over the masked positions); the bench's independent pass checks the causal value (test_bench)."""
+    kl = {s: json.loads((exported(model, quantize=s) / "edgelm.json").read_text())["validation"]["quality"]["kl_divergence"]
+          for s in ("int8", "int4")}
+    assert 0 < kl["int8"] < kl["int4"], kl
+
+
 def test_tied_table_is_stored_once_and_quantized(exported):
     """Gemma 3 ties its LM head to the embedding table: one quantized table, read by both operators."""
     folder = exported("tiny-gemma3", quantize="int4")
