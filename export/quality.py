@@ -34,7 +34,8 @@ def _window(vocab: int) -> int:
     return max(64, min(WINDOW, LOGITS_BUDGET // max(vocab, 1)))
 
 
-def score_rows(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+def score_rows(logits: np.ndarray, reference: np.ndarray,
+               targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(NLL of ``targets`` under ``logits``, the same under ``reference``, KL(reference || logits)) row by row.
 
     Float64, 64 rows at a time: a window of a 262k-token vocabulary in float64 would be a gigabyte."""
@@ -48,7 +49,9 @@ def score_rows(logits: np.ndarray, reference: np.ndarray, targets: np.ndarray) -
         logp = log_softmax(reference[rows].astype(np.float64))
         picked = np.arange(logq.shape[0]), targets[rows]
         nll[rows], ref_nll[rows] = -logq[picked], -logp[picked]
-        kl[rows] = (np.exp(logp) * (logp - logq)).sum(axis=-1)
+        p = np.exp(logp)
+        with np.errstate(invalid="ignore"):  # a token the reference rules out (-inf) adds nothing, not nan
+            kl[rows] = np.where(p > 0, p * (logp - logq), 0.0).sum(axis=-1)
     return nll, ref_nll, kl
 
 
