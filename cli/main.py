@@ -91,7 +91,8 @@ def _add_export(sub: Any) -> None:
 
     p.add_argument("--quantize", choices=["auto", "none", *SCHEMES], default="auto",
                    help="weight quantization, applied after the float32 graph validated, then measured against it "
-                        "(perplexity ratio on a built-in text, printed and kept in edgelm.json). gguf: the GGUF "
+                        "(perplexity ratio and mean KL divergence from float32 on a built-in text, printed and kept in "
+                        "edgelm.json). gguf: the GGUF "
                         "source's own quantized blocks carried over exactly (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K-Q6_K); "
                         "int8: weight-only 8-bit blocks (near-lossless); int4: 4-bit blocks with searched scales "
                         "(smallest); int8-dynamic: MatMulInteger, for ONNX Runtime Mobile builds without MatMulNBits; "
