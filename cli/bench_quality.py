@@ -102,9 +102,9 @@ def graph_scores(reference_dir: str | Path, model_dirs: dict[str, str | Path], t
 
     Why the divergence beside the perplexity ratio: the ratio scores only the text's own next token, so a
     quantized graph's changes elsewhere in the distribution partly cancel, and on 1,452 tokens it moves by a few
-    tenths of a percent between exports that differ in last bits only (two SmolLM2 int8 exports whose smoothing
-    scales differed by 1e-8: 1.0024 and 1.0064, and the same divergence, 0.0028). The divergence compares whole
-    distributions, token by token, as llama.cpp's perplexity tool does with ``--kl-divergence``."""
+    tenths of a percent between exports that differ little (``benchmarks/smooth_sweep.py`` on SmolLM2: 1.0025 to
+    1.0064 across the int8 alphas, in no order, while the divergence halved and then held). The divergence
+    compares whole distributions, token by token, as llama.cpp's perplexity tool does with ``--kl-divergence``."""
     from edgelm.export.quality import score_rows
 
     names = list(model_dirs)
