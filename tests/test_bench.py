@@ -761,3 +761,31 @@ def test_greedy_head_script_reads_the_heads_bound_and_picks(exported, capsys):
     assert not list(folder.glob("*.probe.onnx"))
     with pytest.raises(SystemExit, match="no greedy head"):
         script.main([str(exported("tiny-llama", quantize="int8"))])
+
+
+def test_loop_overhead_splits_each_step_and_checks_both_loops_agree(exported, capsys, monkeypatch):
+    """benchmarks/loop_overhead.py: generate and the bare decoder loop feed the same tokens (they are compared,
+    and a loop that parts from generate voids the run), and every step's time is split into onnxruntime's run
+    and the rest."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "loop_overhead.py"
+    spec = importlib.util.spec_from_file_location("loop_overhead", path)
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    folder = exported("tiny-llama")
+    assert loop.main([str(folder), "--new-tokens", "6", "--repeats", "1", "--threads", "1"]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): [float(v) for v in line.strip(" |").split(" | ")[1:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line}
+    assert set(rows) == {"generate", "decoder loop", "per call"}
+    for ort_ms, outside_ms, total_ms in rows.values():
+        assert ort_ms > 0 and outside_ms > 0 and total_ms == pytest.approx(ort_ms + outside_ms, abs=2e-3)
+    from edgelm.runtime import CausalLM
+
+    lm = CausalLM.load(folder, threads=1)
+    ids = np.asarray([lm.tokenizer.encode(loop.PROMPT)[:64]], np.int64)
+    want = lm.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
+    assert loop.decoder_loop(lm, ids, 6) == [int(t) for t in want]
+    monkeypatch.setattr(loop, "decoder_loop", lambda lm, ids, n: [0] * n)
+    with pytest.raises(SystemExit, match="differ"):
+        loop.main([str(folder), "--new-tokens", "6", "--repeats", "1", "--threads", "1"])
