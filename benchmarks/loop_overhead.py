@@ -89,17 +89,19 @@ def measure(model_dir: Path, new_tokens: int, repeats: int, threads: int | None)
             run()
         total = time.perf_counter() - start
         per = count if name == "per call" else timer.calls
-        out[name] = {"steps": timer.calls / count, "total_ms": 1e3 * total / per,
+        out[name] = {"runs": timer.calls / count, "total_ms": 1e3 * total / per,
                      "onnxruntime_ms": 1e3 * timer.seconds / per, "outside_ms": 1e3 * (total - timer.seconds) / per}
     return out
 
 
 def markdown(model_dir: Path, rows: dict[str, dict[str, float]], new_tokens: int, threads: int | None) -> str:
     lines = [f"Greedy decoding of {model_dir}, 64-token prompt, {new_tokens} new tokens, {threads or 'default'} "
-             "threads: ms per decode step (per call for the last row), inside onnxruntime's run and outside it",
-             "", "| loop | onnxruntime ms | outside ms | total ms |", "|---|---|---|---|"]
+             "threads: ms per decode step (per call for the last row), inside onnxruntime's run and outside it, "
+             "and onnxruntime runs per generation (each loop's work: the two loops must match)",
+             "", "| loop | onnxruntime ms | outside ms | total ms | runs per generation |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['onnxruntime_ms']:.3f} | {r['outside_ms']:.3f} | {r['total_ms']:.3f} |")
+        lines.append(f"| {name} | {r['onnxruntime_ms']:.3f} | {r['outside_ms']:.3f} | {r['total_ms']:.3f} | "
+                     f"{r['runs']:g} |")
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ def graph_scores(reference_dir: str | Path, model_dirs: dict[str, str | Path], t
     tenths of a percent between exports that differ little (``benchmarks/smooth_sweep.py`` on SmolLM2: 1.0025 to
     1.0064 across the int8 alphas, in no order, while the divergence halved and then held). The divergence
     compares whole distributions, token by token, as llama.cpp's perplexity tool does with ``--kl-divergence``."""
-    from edgelm.export.quality import score_rows
+    from edgelm.export.quality import nll_rows, score_rows
 
     names = list(model_dirs)
     passes = [_window_logits(reference_dir, token_ids, threads)]
@@ -115,7 +115,7 @@ def graph_scores(reference_dir: str | Path, model_dirs: dict[str, str | Path], t
     kl: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for (reference, targets), *others in zip(*passes):
         rows = [score_rows(logits, reference, targets) for logits, _ in others]
-        ref_nll.append((rows[0] if rows else score_rows(reference, reference, targets))[1])
+        ref_nll.append(rows[0][1] if rows else nll_rows(reference, targets))
         for name, (row_nll, _, row_kl) in zip(names, rows):
             nll[name].append(row_nll)
             kl[name].append(row_kl)

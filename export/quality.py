@@ -34,19 +34,32 @@ def _window(vocab: int) -> int:
     return max(64, min(WINDOW, LOGITS_BUDGET // max(vocab, 1)))
 
 
+def _log_probs(logits: np.ndarray, rows: slice) -> np.ndarray:
+    from edgelm.runtime.processors import log_softmax
+
+    return log_softmax(logits[rows].astype(np.float64))
+
+
+def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] row by row, float64, 64 rows at a time (see ``score_rows``)."""
+    out = np.empty(len(targets))
+    for start in range(0, len(targets), 64):
+        rows = slice(start, start + 64)
+        logp = _log_probs(logits, rows)
+        out[rows] = -logp[np.arange(logp.shape[0]), targets[rows]]
+    return out
+
+
 def score_rows(logits: np.ndarray, reference: np.ndarray,
                targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(NLL of ``targets`` under ``logits``, the same under ``reference``, KL(reference || logits)) row by row.
 
     Float64, 64 rows at a time: a window of a 262k-token vocabulary in float64 would be a gigabyte."""
-    from edgelm.runtime.processors import log_softmax
-
     n = len(targets)
     nll, ref_nll, kl = np.empty(n), np.empty(n), np.empty(n)
     for start in range(0, n, 64):
         rows = slice(start, start + 64)
-        logq = log_softmax(logits[rows].astype(np.float64))
-        logp = log_softmax(reference[rows].astype(np.float64))
+        logq, logp = _log_probs(logits, rows), _log_probs(reference, rows)
         picked = np.arange(logq.shape[0]), targets[rows]
         nll[rows], ref_nll[rows] = -logq[picked], -logp[picked]
         p = np.exp(logp)
@@ -95,22 +108,30 @@ def _masked_windows(model_dir: Path, manifest: Any, model_file: str, ids: list[i
         yield logits[0, positions], row[0, positions]
 
 
-def _windows(model_dir: Path, manifest: Any, model_file: str, text: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _token_ids(model_dir: Path, manifest: Any, text: str) -> tuple[list[int], int | None]:
+    """The text's token ids (with the special tokens a masked LM reads) and the mask token's id (masked LMs)."""
     from edgelm.runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(model_dir)
     if manifest.task == "causal-lm":
-        return _causal_windows(model_dir, manifest, model_file, [int(i) for i in tokenizer.encode(text)])
-    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=True)]
-    return _masked_windows(model_dir, manifest, model_file, ids, tokenizer.mask_token_id)
+        return [int(i) for i in tokenizer.encode(text)], None
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=True)], tokenizer.mask_token_id
+
+
+def _windows(model_dir: Path, manifest: Any, model_file: str, ids: list[int],
+             mask_id: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if manifest.task == "causal-lm":
+        return _causal_windows(model_dir, manifest, model_file, ids)
+    return _masked_windows(model_dir, manifest, model_file, ids, mask_id)
 
 
 def compare(model_dir: Path, manifest: Any, float_file: str, text: str | None = None) -> dict[str, Any]:
     """Perplexity of the folder's graph and of its float32 graph ``float_file``, their ratio, and the mean KL
     divergence of the first from the second, per token scored (nats)."""
-    words = text if text is not None else builtin_text(TEXT)
+    ids, mask_id = _token_ids(model_dir, manifest, text if text is not None else builtin_text(TEXT))
     scores = [score_rows(logits, reference, targets) for (logits, targets), (reference, _) in
-              zip(_windows(model_dir, manifest, manifest.model_file, words), _windows(model_dir, manifest, float_file, words))]
+              zip(_windows(model_dir, manifest, manifest.model_file, ids, mask_id),
+                  _windows(model_dir, manifest, float_file, ids, mask_id))]
     nll, ref_nll, kl = (np.concatenate(column) for column in zip(*scores))
     quantized, reference = float(np.exp(nll.mean())), float(np.exp(ref_nll.mean()))
     return {
