@@ -25,6 +25,30 @@ def greedy_picks(ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return np.where(top, ids, np.iinfo(np.int64).max).min(axis=-1)
 
 
+class ReusedOutputs:
+    """Output arrays one decoding loop hands to onnxruntime again at every pass, for outputs it reads before the
+    next pass (greedy search's argmax): onnxruntime writes into them, so a step allocates and copies nothing.
+
+    Why: a step's logits are 49,152 float32 for SmolLM2; left to onnxruntime, each pass allocates them and
+    ``numpy()`` copies them out, and collecting all 62 outputs as Python objects costs as much again. On
+    the int4 export that was 0.04 ms of a 3.6 ms step outside onnxruntime (``benchmarks/loop_overhead.py``).
+    A loop that keeps the logits it is given (scores, ``output_logits``) must not pass these: the next pass
+    overwrites them. One per generation, like the cache (the Decoder itself stays stateless).
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[np.ndarray, object]] = {}
+
+    def value(self, name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, object]:
+        """The float32 array for output ``name`` at ``shape`` and the C-level OrtValue wrapping it (made anew when
+        the shape changes: onnxruntime writes into a bound output only if its shape is the one computed)."""
+        pair = self._values.get(name)
+        if pair is None or pair[0].shape != shape:
+            array = np.empty(shape, np.float32)
+            pair = self._values[name] = (array, ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)
+        return pair
+
+
 class Decoder:
     """Owns the causal LM's session and knows its inputs and outputs by name.
 
@@ -107,6 +131,15 @@ class Decoder:
                 f"the manifest says the logits have {columns} columns but the graph's have {vocab_dim}; re-export")
         self.columns = columns or (vocab_dim if isinstance(vocab_dim, int) else None)
         """Width of a logits row (None where neither the manifest nor the graph says)."""
+        hidden_dim = (self.session.get_outputs()[self.output_names.index("last_hidden_state")].shape[-1]
+                      if self.has_hidden else None)
+        self.hidden_size = hidden_dim if isinstance(hidden_dim, int) else (manifest.hidden_size or None)
+        types = {o.name: o.type for o in self.session.get_outputs()}
+        self.reusable = (self.device == "cpu" and bool(self.columns) and types["logits"] == "tensor(float)"
+                         and (not self.has_hidden or (bool(self.hidden_size)
+                                                      and types["last_hidden_state"] == "tensor(float)")))
+        """A loop's ``ReusedOutputs`` can take this graph's logits and hidden state: float32 on the CPU, of known
+        widths."""
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache | SharedKVCache:
         """An empty cache; fused (GroupQueryAttention) graphs get one buffer per layer written in place."""
@@ -116,12 +149,14 @@ class Decoder:
         return KVCache.empty(self.past_names, batch, self.num_kv_heads, self.head_dim, device=self.device)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
-             want_hidden: bool = False, keep: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+             want_hidden: bool = False, keep: int = 0,
+             reuse: ReusedOutputs | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Run ``input_ids`` (batch, new) on top of ``cache``; returns logits and the hidden state (batch, new, hidden).
 
         The logits are (batch, new, vocab), or (batch, keep, vocab) for the last ``keep`` positions when
         ``keep`` > 0: a prefill that only needs the next token asks for 1 and skips the LM head for
-        the rest of the prompt, as transformers' ``logits_to_keep`` does.
+        the rest of the prompt, as transformers' ``logits_to_keep`` does. ``reuse``: where the graph can, the
+        logits come back in its arrays, valid until the next pass given it (``ReusedOutputs``).
         """
         if want_hidden and not self.has_hidden:
             raise UnsupportedError(
@@ -143,11 +178,12 @@ class Decoder:
             if self.has_position_ids:
                 feeds["position_ids"] = position_ids
             # Fed every step when the graph has it: a kept binding would otherwise hold the last call's value.
-            logits, hidden = self._run(feeds, cache, want_hidden, new, keep if self.keeps_logits else None)
+            logits, hidden = self._run(feeds, cache, want_hidden, new, keep if self.keeps_logits else None,
+                                       reuse=reuse)
         return (logits[:, -keep:] if keep else logits), hidden  # a no-op view when the graph already kept them
 
     def greedy_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                      cache: KVCache) -> tuple[np.ndarray, np.ndarray | None]:
+                      cache: KVCache, reuse: ReusedOutputs | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Run ``input_ids`` on top of ``cache`` like ``step``; returns the argmax of the last position's logits per
         row, and those logits (rows, vocab) where the pass computed them (None through the greedy head).
 
@@ -156,6 +192,9 @@ class Decoder:
         Elsewhere (no head, ``stable_rows``, several tokens of several rows on a fused graph) it is the
         full logits' argmax. A hidden state with no finite candidate (a broken model) reruns the pass with
         the full head, so it fails or succeeds as ``step`` would.
+
+        ``reuse``: the logits come back in its arrays (``ReusedOutputs``), valid until the next pass that is
+        given it; where the full logits' argmax is taken.
         """
         new, length = input_ids.shape[1], cache.length
         if self.greedy_head and not self.stable_rows and not (
@@ -167,7 +206,7 @@ class Decoder:
             if ids.size:
                 return greedy_picks(ids, logits[:, -1, :]), None
             cache.crop(length)
-        logits = self.step(input_ids, attention_mask, position_ids, cache, keep=1)[0][:, -1, :]
+        logits = self.step(input_ids, attention_mask, position_ids, cache, keep=1, reuse=reuse)[0][:, -1, :]
         return np.argmax(logits, axis=-1), logits
 
     def _step_two_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache,
@@ -205,7 +244,7 @@ class Decoder:
         return pair[1]
 
     def _run(self, feeds: dict[str, np.ndarray], cache, want_hidden: bool, new: int,
-             keep: int | None = None, greedy: bool = False) -> tuple:
+             keep: int | None = None, greedy: bool = False, reuse: ReusedOutputs | None = None) -> tuple:
         """One session run through the C-level IOBinding (see kv_cache's docstring for why); the cache binds
         its own past and presents and takes the outputs back.
 
@@ -214,6 +253,10 @@ class Decoder:
         so the outputs keep the order of the first binding: logits, the hidden state, the greedy head's
         candidates, the presents. Such a binding always returns the hidden state and the candidates (the
         graph computes both anyway; the candidates are empty unless ``greedy``), so that no place moves.
+
+        With ``reuse`` (and neither ``greedy`` nor ``want_hidden``), a CPU graph whose output shapes are known
+        writes its logits and hidden state into ``reuse``'s arrays, and a cache that keeps its binding and
+        writes in place needs nothing back either, so no output is collected.
 
         Returns (logits, hidden state or None); with ``greedy`` (a graph with the greedy head), (empty logits,
         None, (candidate ids, their logits)).
@@ -226,8 +269,23 @@ class Decoder:
             raw.bind_input(name, value)
         if keep is not None:  # an input with a default (an initializer): bindable only as an OrtValue
             raw.bind_ortvalue_input("logits_to_keep", self._int_value(keep))
-        raw.bind_output("logits", self._cpu)
         with_hidden = want_hidden or (self.has_hidden and kept)
+        batch, rows = feeds["input_ids"].shape[0], keep or new
+        if reuse is not None and kept and not greedy and not want_hidden and self.reusable:
+            logits, value = reuse.value("logits", (batch, rows, self.columns))
+            raw.bind_ortvalue_output("logits", value)
+            if with_hidden:  # bound by a kept binding whether read or not (the docstring above)
+                raw.bind_ortvalue_output("last_hidden_state", reuse.value("last_hidden_state",
+                                                                          (batch, new, self.hidden_size))[1])
+            if self.greedy_head:
+                raw.bind_ortvalue_input(GREEDY_HEAD, self._int_value(0))
+                raw.bind_output(GREEDY_IDS, self._cpu)
+                raw.bind_output(GREEDY_LOGITS, self._cpu)
+            cache.bind(binding, self.present_names, self._cache_device, new)
+            self.session.run_with_iobinding(binding)
+            cache.adopt(None, 0, new)
+            return logits, None
+        raw.bind_output("logits", self._cpu)
         if with_hidden:
             raw.bind_output("last_hidden_state", self._cpu)
         if self.greedy_head:  # fed every run, like the inputs above: a kept binding would hold the last value
@@ -274,7 +332,10 @@ class StaticDecoder(Decoder):
         return StaticKVCache(self.past_names, batch, self.num_kv_heads, self.head_dim, self.capacity)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: StaticKVCache,
-             want_hidden: bool = False, keep: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+             want_hidden: bool = False, keep: int = 0,
+             reuse: ReusedOutputs | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``Decoder.step``; ``reuse`` is not taken: the static cache's binding is new every call (its presents come
+        back as outputs), and the logits of a chunk are joined from one call per token anyway."""
         new = input_ids.shape[1]
         if cache.length + new > self.capacity:
             raise InputError(

@@ -214,7 +214,9 @@ class SharedKVCache:
         self._bound = binding is self._binding
 
     def adopt(self, outputs, first: int, new: int) -> None:
-        self.length += new  # the graph wrote the new slots in place: nothing to take
+        """The graph wrote the new slots in place: nothing to take (``outputs`` may be None: the decoder need not
+        collect them for this cache)."""
+        self.length += new
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)

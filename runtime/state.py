@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgelm.runtime.decoder import Decoder
+from edgelm.runtime.decoder import Decoder, ReusedOutputs
 from edgelm.runtime.processors import LogitsProcessorList
 
 
@@ -26,9 +26,12 @@ class DecodeState:
         self._mask = np.zeros((batch, cap), dtype=np.int64)
         self._ids[:, :length] = input_ids
         self._mask[:, :length] = attention_mask
+        self._mask[:, length:] = 1  # every appended token is real: ``append`` then writes the ids alone
         self.cur = length
         self.prompt_length = length
-        self._real = attention_mask.sum(axis=1).astype(np.int64)  # real (unmasked) tokens per row so far
+        self._real = attention_mask.sum(axis=1).astype(np.int64)
+        self._real_at = length
+        """``_real``: real (unmasked) tokens per row among the first ``_real_at``; every token after those is real."""
         if cache is None:
             cache = decoder.new_cache(batch, capacity=cap)
         elif cache.batch != batch:  # one cached prompt, several rows (beams): every row starts from it
@@ -41,6 +44,9 @@ class DecodeState:
         self.raw_logits: list[np.ndarray] = []
         self.hidden: np.ndarray | None = None
         self.steps = 0
+        self._reused = ReusedOutputs()
+        """Logits buffers for passes whose logits are read before the next pass and never kept (``greedy_next``,
+        ``forward(reuse=True)``)."""
 
     @property
     def batch(self) -> int:
@@ -65,17 +71,22 @@ class DecodeState:
             pos = np.cumsum(mask, axis=1) - 1
             pos[mask == 0] = 1
             return pos
-        return self._real[:, None] - new + np.arange(new)
+        first = self._real + (self.cur - self._real_at - new)
+        return first[:, None] if new == 1 else first[:, None] + np.arange(new)
 
     def next_positions(self) -> np.ndarray:
         """(batch, 1) position of a token appended next."""
-        return self._real[:, None].copy()
+        return (self._real + (self.cur - self._real_at))[:, None]
 
-    def forward(self, new: int, keep: int = 0) -> np.ndarray:
-        """Run the last ``new`` tokens; returns their logits (batch, new, vocab), or the last ``keep`` of them, as float32."""
+    def forward(self, new: int, keep: int = 0, reuse: bool = False) -> np.ndarray:
+        """Run the last ``new`` tokens; returns their logits (batch, new, vocab), or the last ``keep`` of them, as float32.
+
+        ``reuse``: the caller reads the logits before the next pass and keeps nothing of them (nor does
+        ``record``): they may come back in this state's reused buffers (``decoder.ReusedOutputs``)."""
         ids = self._ids[:, self.cur - new: self.cur]
         logits, hidden = self.decoder.step(ids, self.attention_mask, self._positions(new), self.cache, self.want_hidden,
-                                           keep)
+                                           keep, self._reused if reuse and not (self.output_scores or self.output_logits)
+                                           else None)
         self.hidden = hidden
         self.steps += 1
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
@@ -91,10 +102,11 @@ class DecodeState:
         pass returned, or, through the greedy head, a rerun of the pass with the full head."""
         new = self.cur - self.cache.length
         ids = self._ids[:, self.cur - new: self.cur]
-        tokens, logits = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache)
+        tokens, logits = self.decoder.greedy_tokens(ids, self.attention_mask, self._positions(new), self.cache,
+                                                    self._reused)
         self.hidden = None
         self.steps += 1
-        if bans and bans.banned(self.input_ids, tokens, self.decoder.columns).any():
+        if bans and any(bans.banned(self.input_ids, tokens.tolist(), self.decoder.columns)):
             if logits is None:
                 self.cache.crop(self.cache.length - new)
                 logits = self.forward(new, keep=1)[:, -1, :]
@@ -105,16 +117,16 @@ class DecodeState:
         """Run the prompt's tokens that the cache does not hold yet; logits of the last one."""
         return self.forward(self.cur - self.cache.length, keep=1)[:, -1, :]
 
-    def forward_last(self) -> np.ndarray:
-        return self.forward(1, keep=1)[:, -1, :]
+    def forward_last(self, reuse: bool = False) -> np.ndarray:
+        return self.forward(1, keep=1, reuse=reuse)[:, -1, :]
 
     def _grow(self, extra: int) -> None:
         if self.cur + extra <= self._ids.shape[1]:
             return
         new_cap = max(self._ids.shape[1] * 2, self.cur + extra)
-        for name in ("_ids", "_mask"):
+        for name, fill in (("_ids", 0), ("_mask", 1)):
             old = getattr(self, name)
-            buf = np.zeros((old.shape[0], new_cap), dtype=old.dtype)
+            buf = np.full((old.shape[0], new_cap), fill, dtype=old.dtype)
             buf[:, : self.cur] = old[:, : self.cur]
             setattr(self, name, buf)
 
@@ -124,30 +136,35 @@ class DecodeState:
         if tokens.ndim == 1:
             tokens = tokens[:, None]
         n = tokens.shape[1]
-        self._grow(n)
+        if self.cur + n > self._ids.shape[1]:
+            self._grow(n)
         self._ids[:, self.cur: self.cur + n] = tokens
-        self._mask[:, self.cur: self.cur + n] = 1
         self.cur += n
-        self._real += n
 
     def emit(self, tokens: np.ndarray, unfinished: np.ndarray, pad: int, stopping, scores: np.ndarray,
              streamer=None, pad_finished: bool = True) -> bool:
         """Append one token per row (finished rows get ``pad``), stream it, update ``unfinished`` in place.
 
-        Returns True when every row has stopped.
+        Returns True when every row has stopped. Called while some row runs (the loops stop when it returns True).
         """
-        if pad_finished:
+        if pad_finished and not (unfinished.shape[0] == 1 and unfinished[0]):  # one running row: nothing to pad
             tokens = np.where(unfinished, tokens, pad)
         self.append(tokens)
         if streamer is not None:
             streamer.put(tokens)
-        unfinished &= ~stopping(self.input_ids, scores)
+        done = stopping.stops(self.input_ids, scores) if hasattr(stopping, "stops") else stopping(self.input_ids, scores)
+        if done is True:
+            unfinished[:] = False
+            return True
+        if done is False:  # no row stopped, and some row was running
+            return False
+        unfinished &= ~done
         return not unfinished.any()
 
     def truncate(self, length: int, cache_length: int | None = None) -> None:
         """Forget tokens after ``length`` (rejected draft tokens); the cache keeps ``cache_length`` (default ``length``)."""
-        self._real -= self._mask[:, length: self.cur].sum(axis=1)
-        self.cur = length
+        self._real = self._real + (self.cur - self._real_at) - self._mask[:, length: self.cur].sum(axis=1)
+        self._real_at = self.cur = length
         self.cache.crop(length if cache_length is None else cache_length)
 
     def reorder(self, rows: np.ndarray) -> None:

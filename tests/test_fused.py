@@ -151,3 +151,38 @@ def test_shared_buffer_steps_hand_back_arrays_the_caller_keeps(exported):
         np.testing.assert_array_equal(logits, logits_then)
         np.testing.assert_array_equal(hidden, hidden_then)
     assert not any(np.shares_memory(kept[i][0], kept[j][0]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_reused_outputs_are_written_in_place_and_kept_apart_from_returned_scores(exported):
+    """A loop that reads each step's logits once (greedy search's argmax) hands the decoder ``ReusedOutputs``:
+    onnxruntime then writes every step's logits into the same array, which must hold exactly what a run without
+    it returns. A loop that returns scores or logits (``output_scores``) must never get those buffers: each
+    recorded step keeps its own array, equal to the same generation's without any recording."""
+    from edgelm.runtime.decoder import ReusedOutputs
+
+    lm = CausalLM.load(exported("tiny-llama"))
+    dec = lm.decoder
+    assert dec.reusable and dec.shared_buffer
+    reuse = ReusedOutputs()
+    a, b = dec.new_cache(1), dec.new_cache(1)
+    ids, first = np.array([[5, 17, 99, 3]]), None
+    for step in range(5):
+        mask, pos = np.ones((1, a.length + ids.shape[1]), np.int64), np.arange(a.length, a.length + ids.shape[1])[None]
+        la = dec.step(ids, mask, pos, a, keep=1, reuse=reuse)[0]
+        lb = dec.step(ids, mask, pos, b, keep=1)[0]
+        np.testing.assert_array_equal(la, lb)
+        first = la if first is None else first
+        assert np.shares_memory(la, first) and not np.shares_memory(lb, first)
+        ids = np.array([[int(np.argmax(lb[0, -1]))]])
+    prompt = np.array([[5, 17, 99, 3]])
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=0, return_dict_in_generate=True, seed=3)
+    plain = lm.generate(prompt, **kw)
+    recorded = lm.generate(prompt, output_scores=True, output_logits=True, **kw)
+    np.testing.assert_array_equal(plain.sequences, recorded.sequences)
+    logits = recorded.logits
+    assert len(logits) == 6 and not any(np.shares_memory(logits[i], logits[j]) for i in range(6) for j in range(i))
+    seq = recorded.sequences
+    for i in range(6):  # each recorded step still holds its own position's logits, recomputed from scratch here
+        n = prompt.shape[1] + i
+        fresh = dec.step(seq[:, :n], np.ones((1, n), np.int64), np.arange(n)[None], dec.new_cache(1), keep=1)[0]
+        np.testing.assert_allclose(logits[i], fresh[:, -1], atol=1e-4)

@@ -247,3 +247,35 @@ def test_sampled_tokens_come_from_the_processed_scores(exported):
         assert (np.isfinite(scores).sum(-1) == 3).all()
         tok = out.sequences[:, 3 + step]
         assert np.isfinite(scores[np.arange(4), tok]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_stopping_criteria_answer_as_transformers(rows):
+    """The built-in criteria answer per row what transformers' do, whether a criterion answers with one bool (the
+    length limit, EOS on one row: no array per step) or an array; ``stops`` folds a uniform answer into one
+    bool, and a caller's criterion may answer either way (``generate``'s ``stopping_criteria``)."""
+    from transformers.generation import stopping_criteria as hf_stop
+
+    from edgelm.runtime import stopping
+
+    rng = np.random.default_rng(rows)
+    for length, max_length in ((6, 9), (9, 9), (10, 9)):
+        ids = rng.integers(0, VOCAB, size=(rows, length)).astype(np.int64)
+        ids[0, -1] = EOS[1]  # row 0 ends with an end of sequence
+        theirs = hf_stop.StoppingCriteriaList([hf_stop.MaxLengthCriteria(max_length),
+                                               hf_stop.EosTokenCriteria(EOS)])(torch.from_numpy(ids), None).numpy()
+        mine = stopping.StoppingCriteriaList([stopping.MaxLengthCriteria(max_length), stopping.EosTokenCriteria(EOS)])
+        got = mine(ids, None)
+        assert isinstance(got, np.ndarray) and got.dtype == bool and got.shape == (rows,)
+        np.testing.assert_array_equal(got, theirs)
+        folded = mine.stops(ids, None)
+        if theirs.all() or not theirs.any():
+            assert folded is bool(theirs.all())
+        else:
+            np.testing.assert_array_equal(folded, theirs)
+    ids = rng.integers(3, VOCAB, size=(rows, 4)).astype(np.int64)
+    picky = np.arange(rows) == rows - 1  # a caller's criterion stopping the last row only
+    for extra, want in ((lambda i, s: picky, picky), (lambda i, s: np.bool_(True), np.ones(rows, bool)),
+                        (lambda i, s: False, np.zeros(rows, bool))):
+        lst = stopping.StoppingCriteriaList([stopping.MaxLengthCriteria(50), extra])
+        np.testing.assert_array_equal(lst(ids, None), want)

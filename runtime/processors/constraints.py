@@ -61,8 +61,7 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
         return out
 
     def banned(self, input_ids, tokens, columns):
-        return np.array([bool((banned == t).any()) for t, banned in zip(np.asarray(tokens).tolist(),
-                                                                          self._banned_rows(input_ids))], bool)
+        return [int(t) in banned.tolist() for t, banned in zip(tokens, self._banned_rows(input_ids))]
 
 
 class NoBadWordsLogitsProcessor(LogitsProcessor):
@@ -84,7 +83,7 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
             if bad:
                 raise GenerationConfigError(f"bad_words_ids holds token ids outside the vocabulary (size {vocab_size}): {bad}")
         self.single = sorted({s[0] for s in seqs if len(s) == 1})
-        self._single = np.asarray(self.single, np.int64)
+        self._single = frozenset(self.single)
         self.multi = [s for s in seqs if len(s) > 1]
 
     def __call__(self, input_ids, scores):
@@ -105,8 +104,8 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
     def banned(self, input_ids, tokens, columns):
         out = among(tokens, self._single)
         for seq in self.multi:
-            if len(seq) <= input_ids.shape[1]:
-                out |= (tokens == seq[-1]) & self._matches(input_ids, seq)
+            if len(seq) <= input_ids.shape[1] and seq[-1] in tokens:
+                out = [o or (int(t) == seq[-1] and bool(m)) for o, t, m in zip(out, tokens, self._matches(input_ids, seq))]
         return out
 
 
@@ -118,13 +117,13 @@ class MinLengthLogitsProcessor(LogitsProcessor):
             raise GenerationConfigError(f"min_length must be a non-negative integer, got {min_length!r}")
         self.min_length = int(min_length)
         self.eos = list(eos_token_id)
-        self._eos = np.asarray(self.eos, np.int64)
+        self._eos = frozenset(self.eos)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.eos) if input_ids.shape[-1] < self.min_length else scores
 
     def banned(self, input_ids, tokens, columns):
-        return among(tokens, self._eos) & (input_ids.shape[-1] < self.min_length)
+        return among(tokens, self._eos, input_ids.shape[-1] < self.min_length)
 
 
 class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
@@ -136,13 +135,13 @@ class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
         self.skip = int(prompt_length_to_skip)
         self.min_new_tokens = int(min_new_tokens)
         self.eos = list(eos_token_id)
-        self._eos = np.asarray(self.eos, np.int64)
+        self._eos = frozenset(self.eos)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.eos) if input_ids.shape[-1] - self.skip < self.min_new_tokens else scores
 
     def banned(self, input_ids, tokens, columns):
-        return among(tokens, self._eos) & (input_ids.shape[-1] - self.skip < self.min_new_tokens)
+        return among(tokens, self._eos, input_ids.shape[-1] - self.skip < self.min_new_tokens)
 
 
 class SuppressTokensLogitsProcessor(LogitsProcessor):
@@ -150,7 +149,7 @@ class SuppressTokensLogitsProcessor(LogitsProcessor):
 
     def __init__(self, suppress_tokens: Sequence[int]):
         self.tokens = [int(t) for t in suppress_tokens]
-        self._tokens = np.asarray(self.tokens, np.int64)
+        self._tokens = frozenset(self.tokens)
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.tokens) if self.tokens else scores
@@ -164,14 +163,14 @@ class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
 
     def __init__(self, begin_suppress_tokens: Sequence[int], begin_index: int):
         self.tokens = [int(t) for t in begin_suppress_tokens]
-        self._tokens = np.asarray(self.tokens, np.int64)
+        self._tokens = frozenset(self.tokens)
         self.begin_index = begin_index
 
     def __call__(self, input_ids, scores):
         return ban(scores, self.tokens) if input_ids.shape[-1] == self.begin_index and self.tokens else scores
 
     def banned(self, input_ids, tokens, columns):
-        return among(tokens, self._tokens) & (input_ids.shape[-1] == self.begin_index)
+        return among(tokens, self._tokens, input_ids.shape[-1] == self.begin_index)
 
 
 class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
@@ -188,7 +187,7 @@ class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
         return out
 
     def banned(self, input_ids, tokens, columns):
-        return (tokens != self.bos) & (input_ids.shape[-1] == 1)
+        return [input_ids.shape[-1] == 1 and int(t) != self.bos for t in tokens]
 
 
 class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
@@ -199,7 +198,7 @@ class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
         self.eos = list(eos_token_id)
         if any(e < 0 for e in self.eos):
             raise GenerationConfigError(f"forced_eos_token_id must be non-negative, got {self.eos}")
-        self._eos = np.asarray(self.eos, np.int64)
+        self._eos = frozenset(self.eos)
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] != self.max_length - 1:
@@ -209,7 +208,8 @@ class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
         return out
 
     def banned(self, input_ids, tokens, columns):
-        return ~among(tokens, self._eos) & (input_ids.shape[-1] == self.max_length - 1)
+        at_end = input_ids.shape[-1] == self.max_length - 1
+        return [at_end and int(t) not in self._eos for t in tokens]
 
 
 class ExponentialDecayLengthPenalty(LogitsProcessor):

@@ -57,5 +57,5 @@ def run(state: DecodeState, cfg: Any, processors: LogitsProcessorList, stopping:
             next_tokens = np.argmax(scores, axis=-1)
         if state.emit(next_tokens, unfinished, pad, stopping, scores, streamer):
             break
-        logits = state.forward_last()
+        logits = state.forward_last(reuse=True)  # read once below; ``forward`` reuses no buffer when they are returned
     return state
