@@ -7,8 +7,11 @@ Why: where our graph runs level with genai's (the bare-graph table) but the whol
 three ways on the same loaded model and splits each step into the time inside onnxruntime's run and the
 time outside it (Python, numpy, binding):
 
-- ``generate``: ``CausalLM.generate`` greedy with ``min_new_tokens`` = ``max_new_tokens``, as the benchmarks
-  call it (the ban-only processor asked about each pick, the stopping criteria, the state's buffers);
+- ``generate``: ``CausalLM.generate`` greedy with no end of sequence (``eos_token_id=None``), so that it
+  makes the same tokens as the bare loop (the stopping criteria, the state's buffers);
+- ``generate, EOS banned``: as the benchmarks call it (``bench_turns``, ``edgelm bench``): the model's end of
+  sequence with ``min_new_tokens`` = ``max_new_tokens``, so that the ban-only processor is asked about each
+  pick too (its tokens can differ from the bare loop's where that pick would have been the end);
 - ``decoder loop``: ``Decoder.step`` and an argmax per token, nothing else: the floor of a loop written in
   Python over this decoder;
 - ``per call``: what one ``generate`` call costs outside onnxruntime before its first token (settings,
@@ -71,12 +74,13 @@ def measure(model_dir: Path, new_tokens: int, repeats: int, threads: int | None)
     timer = _Timed(lm.decoder.session)
     ids = np.asarray([lm.tokenizer.encode(PROMPT)[:64]], np.int64)
 
-    def generate(n: int) -> list[int]:
-        out = lm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+    def generate(n: int, **eos) -> list[int]:
+        out = lm.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **(eos or {"eos_token_id": None}))
         return [int(t) for t in out[0, ids.shape[1]:]]
 
-    runs = {"generate": lambda: generate(new_tokens), "decoder loop": lambda: decoder_loop(lm, ids, new_tokens),
-            "per call": lambda: generate(1)}
+    runs = {"generate": lambda: generate(new_tokens),
+            "generate, EOS banned": lambda: generate(new_tokens, eos_token_id=lm.generation_config.eos_ids or None),
+            "decoder loop": lambda: decoder_loop(lm, ids, new_tokens), "per call": lambda: generate(1)}
     if runs["generate"]() != runs["decoder loop"]():
         raise SystemExit("loop_overhead: the decoder loop's tokens differ from generate's; the comparison is void")
     out = {}

@@ -30,9 +30,10 @@ class ReusedOutputs:
     next pass (greedy search's argmax): onnxruntime writes into them, so a step allocates and copies nothing.
 
     Why: a step's logits are 49,152 float32 for SmolLM2; left to onnxruntime, each pass allocates them and
-    ``numpy()`` copies them out, and collecting all 62 outputs as Python objects costs as much again. On
-    the int4 export that was 0.04 ms of a 3.6 ms step outside onnxruntime (``benchmarks/loop_overhead.py``).
-    A loop that keeps the logits it is given (scores, ``output_logits``) must not pass these: the next pass
+    ``numpy()`` copies them out, and collecting all 62 outputs as Python objects costs as much again. With
+    the leaner bans and stopping criteria of the same change, this took ``generate``'s time outside
+    onnxruntime from 0.14 to 0.08 ms of a 3.6 ms int4 SmolLM2 step (``benchmarks/loop_overhead.py``, before
+    and after). A loop that keeps the logits it is given (scores, ``output_logits``) must not pass these: the next pass
     overwrites them. One per generation, like the cache (the Decoder itself stays stateless).
     """
 
@@ -270,30 +271,27 @@ class Decoder:
         if keep is not None:  # an input with a default (an initializer): bindable only as an OrtValue
             raw.bind_ortvalue_input("logits_to_keep", self._int_value(keep))
         with_hidden = want_hidden or (self.has_hidden and kept)
-        batch, rows = feeds["input_ids"].shape[0], keep or new
-        if reuse is not None and kept and not greedy and not want_hidden and self.reusable:
-            logits, value = reuse.value("logits", (batch, rows, self.columns))
+        reusing = reuse is not None and kept and not greedy and not want_hidden and self.reusable
+        if reusing:
+            batch = feeds["input_ids"].shape[0]
+            logits, value = reuse.value("logits", (batch, keep or new, self.columns))
             raw.bind_ortvalue_output("logits", value)
-            if with_hidden:  # bound by a kept binding whether read or not (the docstring above)
-                raw.bind_ortvalue_output("last_hidden_state", reuse.value("last_hidden_state",
-                                                                          (batch, new, self.hidden_size))[1])
-            if self.greedy_head:
-                raw.bind_ortvalue_input(GREEDY_HEAD, self._int_value(0))
-                raw.bind_output(GREEDY_IDS, self._cpu)
-                raw.bind_output(GREEDY_LOGITS, self._cpu)
-            cache.bind(binding, self.present_names, self._cache_device, new)
-            self.session.run_with_iobinding(binding)
-            cache.adopt(None, 0, new)
-            return logits, None
-        raw.bind_output("logits", self._cpu)
-        if with_hidden:
-            raw.bind_output("last_hidden_state", self._cpu)
+            if with_hidden:  # bound by a kept binding whether read or not (above)
+                raw.bind_ortvalue_output("last_hidden_state",
+                                         reuse.value("last_hidden_state", (batch, new, self.hidden_size))[1])
+        else:
+            raw.bind_output("logits", self._cpu)
+            if with_hidden:
+                raw.bind_output("last_hidden_state", self._cpu)
         if self.greedy_head:  # fed every run, like the inputs above: a kept binding would hold the last value
             raw.bind_ortvalue_input(GREEDY_HEAD, self._int_value(int(greedy)))
             raw.bind_output(GREEDY_IDS, self._cpu)
             raw.bind_output(GREEDY_LOGITS, self._cpu)
         cache.bind(binding, self.present_names, self._cache_device, new)
         self.session.run_with_iobinding(binding)
+        if reusing:
+            cache.adopt(None, 0, new)
+            return logits, None
         outs = raw.get_outputs()
         first = 1 + with_hidden
         cache.adopt(outs, first + 2 * self.greedy_head, new)
