@@ -100,8 +100,8 @@ def test_logits_to_keep_is_optional_and_used_by_the_prefill(arch, exported, monk
     asked, rows = [], []
     run = Decoder._run
 
-    def spy(self, feeds, cache, want_hidden, new, keep=None, greedy=False):
-        out = run(self, feeds, cache, want_hidden, new, keep, greedy=greedy)
+    def spy(self, feeds, cache, want_hidden, new, keep=None, greedy=False, reuse=None):
+        out = run(self, feeds, cache, want_hidden, new, keep, greedy=greedy, reuse=reuse)
         asked.append((new, keep))
         rows.append((out[2][1] if greedy else out[0]).shape[1])  # greedy search reads the greedy head's logits
         return out
