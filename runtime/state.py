@@ -11,6 +11,7 @@ import numpy as np
 
 from edgelm.runtime.decoder import Decoder, ReusedOutputs
 from edgelm.runtime.processors import LogitsProcessorList
+from edgelm.runtime.stopping import StoppingCriteriaList
 
 
 class DecodeState:
@@ -141,8 +142,8 @@ class DecodeState:
         self._ids[:, self.cur: self.cur + n] = tokens
         self.cur += n
 
-    def emit(self, tokens: np.ndarray, unfinished: np.ndarray, pad: int, stopping, scores: np.ndarray,
-             streamer=None, pad_finished: bool = True) -> bool:
+    def emit(self, tokens: np.ndarray, unfinished: np.ndarray, pad: int, stopping: StoppingCriteriaList,
+             scores: np.ndarray | None, streamer=None, pad_finished: bool = True) -> bool:
         """Append one token per row (finished rows get ``pad``), stream it, update ``unfinished`` in place.
 
         Returns True when every row has stopped. Called while some row runs (the loops stop when it returns True).
@@ -152,7 +153,7 @@ class DecodeState:
         self.append(tokens)
         if streamer is not None:
             streamer.put(tokens)
-        done = stopping.stops(self.input_ids, scores) if hasattr(stopping, "stops") else stopping(self.input_ids, scores)
+        done = stopping.stops(self.input_ids, scores)
         if done is True:
             unfinished[:] = False
             return True

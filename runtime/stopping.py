@@ -3,8 +3,8 @@
 A criterion that stops every row at once (a length or time limit) may answer with one bool, as a caller's
 criteria may (``generate``'s ``stopping_criteria``): ``StoppingCriteriaList`` spreads it over the rows.
 The list runs after every token, right after a step's matrix products have emptied the CPU's caches, when
-each numpy call costs a few microseconds: the limits answering in plain Python took ~10 us off each step
-of a 3.6 ms int4 SmolLM2 step (``benchmarks/loop_overhead.py``).
+each numpy call costs a few microseconds: answering in plain Python where one bool says it all is part of
+what brought ``generate``'s own time per step level with a bare loop's (``benchmarks/loop_overhead.py``).
 """
 
 from __future__ import annotations
