@@ -29,11 +29,11 @@ class ReusedOutputs:
     """Output arrays one decoding loop hands to onnxruntime again at every pass, for outputs it reads before the
     next pass (greedy search's argmax): onnxruntime writes into them, so a step allocates and copies nothing.
 
-    Why: a step's logits are 49,152 float32 for SmolLM2; left to onnxruntime, each pass allocates them and
-    ``numpy()`` copies them out, and collecting all 62 outputs as Python objects costs as much again. With
-    the leaner bans and stopping criteria of the same change, this took ``generate``'s time outside
-    onnxruntime from 0.14 to 0.08 ms of a 3.6 ms int4 SmolLM2 step (``benchmarks/loop_overhead.py``, before
-    and after). A loop that keeps the logits it is given (scores, ``output_logits``) must not pass these: the next pass
+    Why: a step's logits are 49,152 float32 for SmolLM2; left to onnxruntime, each pass allocates them,
+    ``numpy()`` copies them out, and collecting the outputs makes 62 Python objects. With the leaner bans
+    and stopping criteria of the same change, this took ``generate``'s time outside onnxruntime from 0.14
+    to 0.08 ms of a 3.6 ms int4 SmolLM2 step (``benchmarks/loop_overhead.py``, before and after). A loop
+    that keeps the logits it is given (scores, ``output_logits``) must not pass these: the next pass
     overwrites them. One per generation, like the cache (the Decoder itself stays stateless).
     """
 
@@ -125,20 +125,19 @@ class Decoder:
         self._cache_device = ort.OrtDevice.make(self.device, 0)._get_c_device()
         self.token_ids = draft_token_ids(manifest)
         """The token of each logits column for a draft folder (``edgelm draft``), None when logits cover the vocabulary."""
-        vocab_dim = self.session.get_outputs()[self.output_names.index("logits")].shape[-1]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        vocab_dim = outputs["logits"].shape[-1]
         columns = len(self.token_ids) if self.token_ids is not None else manifest.vocab_size
         if isinstance(vocab_dim, int) and columns and vocab_dim != columns:
             raise ModelLoadError(
                 f"the manifest says the logits have {columns} columns but the graph's have {vocab_dim}; re-export")
         self.columns = columns or (vocab_dim if isinstance(vocab_dim, int) else None)
         """Width of a logits row (None where neither the manifest nor the graph says)."""
-        hidden_dim = (self.session.get_outputs()[self.output_names.index("last_hidden_state")].shape[-1]
-                      if self.has_hidden else None)
+        hidden = outputs.get("last_hidden_state")
+        hidden_dim = hidden.shape[-1] if hidden is not None else None
         self.hidden_size = hidden_dim if isinstance(hidden_dim, int) else (manifest.hidden_size or None)
-        types = {o.name: o.type for o in self.session.get_outputs()}
-        self.reusable = (self.device == "cpu" and bool(self.columns) and types["logits"] == "tensor(float)"
-                         and (not self.has_hidden or (bool(self.hidden_size)
-                                                      and types["last_hidden_state"] == "tensor(float)")))
+        self.reusable = (self.device == "cpu" and bool(self.columns) and outputs["logits"].type == "tensor(float)"
+                         and (hidden is None or (bool(self.hidden_size) and hidden.type == "tensor(float)")))
         """A loop's ``ReusedOutputs`` can take this graph's logits and hidden state: float32 on the CPU, of known
         widths."""
 

@@ -31,8 +31,7 @@ class DecodeState:
         self.cur = length
         self.prompt_length = length
         self._real = attention_mask.sum(axis=1).astype(np.int64)
-        self._real_at = length
-        """``_real``: real (unmasked) tokens per row among the first ``_real_at``; every token after those is real."""
+        """Real (unmasked) tokens of each row's prompt; every token after the prompt is real (``truncate`` keeps it)."""
         if cache is None:
             cache = decoder.new_cache(batch, capacity=cap)
         elif cache.batch != batch:  # one cached prompt, several rows (beams): every row starts from it
@@ -72,12 +71,12 @@ class DecodeState:
             pos = np.cumsum(mask, axis=1) - 1
             pos[mask == 0] = 1
             return pos
-        first = self._real + (self.cur - self._real_at - new)
+        first = self._real + (self.cur - self.prompt_length - new)
         return first[:, None] if new == 1 else first[:, None] + np.arange(new)
 
     def next_positions(self) -> np.ndarray:
         """(batch, 1) position of a token appended next."""
-        return (self._real + (self.cur - self._real_at))[:, None]
+        return (self._real + (self.cur - self.prompt_length))[:, None]
 
     def forward(self, new: int, keep: int = 0, reuse: bool = False) -> np.ndarray:
         """Run the last ``new`` tokens; returns their logits (batch, new, vocab), or the last ``keep`` of them, as float32.
@@ -163,9 +162,11 @@ class DecodeState:
         return not unfinished.any()
 
     def truncate(self, length: int, cache_length: int | None = None) -> None:
-        """Forget tokens after ``length`` (rejected draft tokens); the cache keeps ``cache_length`` (default ``length``)."""
-        self._real = self._real + (self.cur - self._real_at) - self._mask[:, length: self.cur].sum(axis=1)
-        self._real_at = self.cur = length
+        """Forget tokens after ``length`` (rejected draft tokens); the cache keeps ``cache_length`` (default ``length``).
+        The prompt stays: positions count on its real tokens."""
+        if length < self.prompt_length:
+            raise ValueError(f"truncate to {length} tokens would cut into the {self.prompt_length}-token prompt")
+        self.cur = length
         self.cache.crop(length if cache_length is None else cache_length)
 
     def reorder(self, rows: np.ndarray) -> None:
